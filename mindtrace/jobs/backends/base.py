@@ -1,0 +1,384 @@
+"""The backend contract: the abstract Backend every driver implements, and the Delivery it hands out.
+
+Public methods validate and keep the books once, here; each then calls a ``_``-prefixed primitive that a
+backend implements and that only does I/O. The orchestrator and consumer know nothing else of a backend.
+
+Delivery model: ``open_receiver(queue)`` claims messages as :class:`Delivery` objects. A claimed message is
+held (leased, or unacked) until exactly one of ``ack``, ``release``, ``retry`` or ``dead_letter`` settles it;
+if its holder dies, the broker makes it ready again (after ``lease_timeout`` on brokers with leases).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from mindtrace.jobs.constants import (
+    DLQ_SUFFIX,
+    MAX_PAYLOAD_BYTES,
+    MAX_PRIORITY,
+    MAX_QUEUE_NAME_LENGTH,
+    MIN_PRIORITY,
+    QUEUE_NAME_PATTERN,
+)
+from mindtrace.jobs.errors import (
+    ClosedError,
+    ConfigurationError,
+    InvalidQueueNameError,
+    PayloadTooLargeError,
+    UsageError,
+    WrongEventLoopError,
+)
+
+
+@dataclass(frozen=True)
+class QueueOptions:
+    """Options of a queue, fixed when it is first declared; declaring it again with others is an error.
+
+    ``durable``: the queue and its messages survive a broker restart (where the broker persists at all).
+    """
+
+    durable: bool = True
+
+    @classmethod
+    def from_kwargs(cls, queue: str, options: dict[str, Any]) -> QueueOptions:
+        """Build options from ``declare_queue(**options)``, naming any unknown option and the queue."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown option(s) {', '.join(unknown)} for queue {queue!r}; known: {', '.join(sorted(known))}"
+            )
+        if "durable" in options and not isinstance(options["durable"], bool):
+            raise ConfigurationError(f"option durable for queue {queue!r} must be a bool")
+        return cls(**options)
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """One encoded job ready to publish: its bytes, priority and id (for errors and bookkeeping)."""
+
+    body: bytes
+    priority: int
+    job_id: str
+
+
+@dataclass(eq=False)
+class Delivery:
+    """A message claimed from a queue and held until it is settled.
+
+    ``delivery_count`` is how many times the broker has handed this message out since it was last published
+    or retried, this time included, as far as the broker can tell (1 when it cannot; 2 for any redelivery on
+    a broker that only flags redeliveries). A released message does not count the claim it was released
+    from. ``handle`` is the backend's own token (lease, delivery tag).
+    """
+
+    queue: str
+    body: bytes
+    priority: int
+    handle: Any = field(repr=False)
+    delivery_count: int = 1
+    settled: bool = field(default=False, repr=False)
+
+
+class Receiver(abc.ABC):
+    """Claims messages from one queue. Use as ``async with backend.open_receiver(q) as r``.
+
+    Closing a receiver returns every message it claimed but did not hand out (prefetched ones) to the queue.
+    """
+
+    @abc.abstractmethod
+    async def get(self, timeout: float | None = None) -> Delivery | None:
+        """Claim the next message, waiting up to ``timeout`` seconds (None: until one comes; 0: no wait).
+
+        Waiting never polls: the call sleeps until the broker signals a message or the timeout passes.
+        Returns None on timeout.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop claiming and give back messages claimed but not handed out."""
+
+    async def __aenter__(self) -> Receiver:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def validate_queue_name(name: object) -> str:
+    """Return ``name`` if it is a usable queue name, else raise InvalidQueueNameError saying why.
+
+    Names are 1..200 characters of letters, digits, ``_``, ``-`` and ``.``, not starting with ``.`` or
+    ``-``: no key separators, braces, globs or spaces, so that no two names can share broker keys.
+    """
+    if not isinstance(name, str):
+        raise InvalidQueueNameError(f"queue name must be a str, not {type(name).__name__}", queue=repr(name))
+    if not name:
+        raise InvalidQueueNameError("queue name is empty", queue=name)
+    if len(name) > MAX_QUEUE_NAME_LENGTH:
+        raise InvalidQueueNameError(
+            f"queue name is {len(name)} characters long, over the limit of {MAX_QUEUE_NAME_LENGTH}",
+            queue=name[:40] + "...",
+        )
+    if not QUEUE_NAME_PATTERN.fullmatch(name):
+        raise InvalidQueueNameError(
+            f"queue name {name!r} may hold only letters, digits, '_', '-' and '.', and must not start with '.' or '-'",
+            queue=name,
+        )
+    return name
+
+
+def dead_letter_queue_name(queue: str) -> str:
+    """The dead-letter queue of ``queue`` (``queue.dlq``); a dead-letter queue is its own."""
+    return queue if queue.endswith(DLQ_SUFFIX) else queue + DLQ_SUFFIX
+
+
+class Backend(abc.ABC):
+    """A queue broker driver. Every backend implements the ``_`` primitives; this class keeps the books.
+
+    Guarantees every backend gives (and the conformance suite checks):
+    - priority order: higher priority first, FIFO among equal priorities;
+    - a claimed message is not handed to anyone else until settled, or its holder dies;
+    - ``declare_queue`` is idempotent and also declares the queue's dead-letter queue;
+    - ``count`` counts ready messages only (not claimed, not waiting for a retry delay).
+
+    A backend is bound to the first event loop that uses it; use from another loop raises
+    WrongEventLoopError.
+    """
+
+    #: URL schemes this backend answers to in ``from_url``.
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    #: Seconds a claim stays valid without ``extend``; None when the broker tracks liveness itself.
+    lease_timeout: float | None = None
+
+    #: Whether ``Delivery.delivery_count`` counts every hand-out (True) or only flags a redelivery with 2.
+    #: When it only flags, the consumer records each redelivery on the job (``attempts``) by republishing it.
+    counts_deliveries: ClassVar[bool] = True
+
+    def __init__(self, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+        if max_payload_bytes <= 0:
+            raise ConfigurationError(f"max_payload_bytes must be positive, not {max_payload_bytes}")
+        self.max_payload_bytes = max_payload_bytes
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._connect_lock: asyncio.Lock | None = None
+        self._connected = False
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> Backend:
+        """A backend configured from ``url``; each backend documents the URL form it takes."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from a URL")
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """Where this backend points, for messages: ``scheme://host:port``, never a password."""
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ClosedError(f"{self.describe()} is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise WrongEventLoopError(
+                f"{self.describe()} is bound to the event loop it was first used on and was now used from "
+                "another; create one backend per event loop (the blocking API runs all on one loop thread)"
+            )
+
+    async def _ensure_connected(self) -> None:
+        self._check_usable()
+        if self._connected:
+            return
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            if not self._connected:
+                await self._connect()
+                self._connected = True
+
+    def _check_message(self, queue: str, message: OutgoingMessage) -> None:
+        if len(message.body) > self.max_payload_bytes:
+            raise PayloadTooLargeError(
+                queue=queue, job_id=message.job_id, size=len(message.body), limit=self.max_payload_bytes
+            )
+        if not MIN_PRIORITY <= message.priority <= MAX_PRIORITY:
+            raise ConfigurationError(
+                f"priority {message.priority} of job {message.job_id!r} is outside {MIN_PRIORITY}..{MAX_PRIORITY}"
+            )
+
+    # -- public operations ---------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open connections now (otherwise the first operation does). Raises BackendUnavailableError."""
+        await self._ensure_connected()
+
+    async def close(self) -> None:
+        """Close connections. Messages claimed and not settled return to their queues. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._connected:
+            self._connected = False
+            await self._close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._closed
+
+    async def declare_queue(self, queue: str, options: QueueOptions | None = None) -> None:
+        """Create ``queue`` and its dead-letter queue if missing. QueueConflictError if options differ."""
+        validate_queue_name(queue)
+        await self._ensure_connected()
+        await self._declare_queue(queue, options or QueueOptions())
+        dlq = dead_letter_queue_name(queue)
+        if dlq != queue:
+            await self._declare_queue(dlq, options or QueueOptions())
+
+    async def queue_exists(self, queue: str) -> bool:
+        """Whether ``queue`` has been declared (and not deleted)."""
+        validate_queue_name(queue)
+        await self._ensure_connected()
+        return await self._queue_exists(queue)
+
+    async def publish(self, queue: str, message: OutgoingMessage) -> None:
+        """Put one message on ``queue``. Returns once the broker holds it. QueueNotFoundError if undeclared."""
+        validate_queue_name(queue)
+        self._check_message(queue, message)
+        await self._ensure_connected()
+        await self._publish(queue, message)
+
+    async def publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
+        """Put several messages on ``queue``; every one is checked before any is sent."""
+        validate_queue_name(queue)
+        for message in messages:
+            self._check_message(queue, message)
+        if not messages:
+            return
+        await self._ensure_connected()
+        await self._publish_many(queue, messages)
+
+    async def open_receiver(self, queue: str, *, prefetch: int = 1) -> Receiver:
+        """A receiver claiming from ``queue``, holding at most ``prefetch`` unsettled messages ahead."""
+        validate_queue_name(queue)
+        if prefetch < 1:
+            raise ConfigurationError(f"prefetch must be at least 1, not {prefetch}")
+        await self._ensure_connected()
+        return await self._open_receiver(queue, prefetch)
+
+    async def ack(self, delivery: Delivery) -> None:
+        """Settle: the job is done and leaves the broker. LeaseLostError if the lease went elsewhere."""
+        self._settle(delivery)
+        await self._ack(delivery)
+
+    async def release(self, delivery: Delivery) -> None:
+        """Settle: give the message back to its queue unchanged, at its place, ready at once."""
+        self._settle(delivery)
+        await self._release(delivery)
+
+    async def retry(self, delivery: Delivery, message: OutgoingMessage, delay: float) -> None:
+        """Settle: replace the message with ``message`` (attempts updated), ready again after ``delay`` s."""
+        self._check_message(delivery.queue, message)
+        self._settle(delivery)
+        await self._retry(delivery, message, max(0.0, delay))
+
+    async def dead_letter(self, delivery: Delivery, message: OutgoingMessage) -> None:
+        """Settle: put ``message`` (error recorded) on the dead-letter queue, then drop the original."""
+        self._settle(delivery)
+        await self._dead_letter(delivery, dead_letter_queue_name(delivery.queue), message)
+
+    async def extend(self, delivery: Delivery, seconds: float) -> None:
+        """Keep the claim for ``seconds`` more. A no-op on brokers without leases."""
+        if not delivery.settled:
+            await self._extend(delivery, seconds)
+
+    async def count(self, queue: str) -> int:
+        """Number of messages ready to be claimed. QueueNotFoundError if undeclared."""
+        validate_queue_name(queue)
+        await self._ensure_connected()
+        return await self._count(queue)
+
+    async def purge(self, queue: str) -> int:
+        """Remove every ready message; returns how many. Claimed messages are not touched."""
+        validate_queue_name(queue)
+        await self._ensure_connected()
+        return await self._purge(queue)
+
+    async def delete_queue(self, queue: str) -> None:
+        """Remove ``queue``, its dead-letter queue and every message in them. Missing queues are fine."""
+        validate_queue_name(queue)
+        await self._ensure_connected()
+        await self._delete_queue(queue)
+        dlq = dead_letter_queue_name(queue)
+        if dlq != queue:
+            await self._delete_queue(dlq)
+
+    def _settle(self, delivery: Delivery) -> None:
+        self._check_usable()
+        if delivery.settled:
+            raise UsageError(f"a message from queue {delivery.queue!r} was settled twice")
+        delivery.settled = True
+
+    # -- primitives: I/O only ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _connect(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _declare_queue(self, queue: str, options: QueueOptions) -> None: ...
+
+    @abc.abstractmethod
+    async def _queue_exists(self, queue: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def _publish(self, queue: str, message: OutgoingMessage) -> None: ...
+
+    async def _publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
+        for message in messages:
+            await self._publish(queue, message)
+
+    @abc.abstractmethod
+    async def _open_receiver(self, queue: str, prefetch: int) -> Receiver: ...
+
+    @abc.abstractmethod
+    async def _ack(self, delivery: Delivery) -> None: ...
+
+    @abc.abstractmethod
+    async def _release(self, delivery: Delivery) -> None: ...
+
+    @abc.abstractmethod
+    async def _retry(self, delivery: Delivery, message: OutgoingMessage, delay: float) -> None: ...
+
+    @abc.abstractmethod
+    async def _dead_letter(self, delivery: Delivery, dead_letter_queue: str, message: OutgoingMessage) -> None: ...
+
+    async def _extend(self, delivery: Delivery, seconds: float) -> None:
+        return None
+
+    @abc.abstractmethod
+    async def _count(self, queue: str) -> int: ...
+
+    @abc.abstractmethod
+    async def _purge(self, queue: str) -> int: ...
+
+    @abc.abstractmethod
+    async def _delete_queue(self, queue: str) -> None: ...

@@ -1,0 +1,180 @@
+"""LocalClient: in-memory queues in one process, with the same delivery semantics as the brokers."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from mindtrace.jobs.backends.base import Backend, Delivery, OutgoingMessage, QueueOptions, Receiver
+from mindtrace.jobs.constants import MAX_PAYLOAD_BYTES
+from mindtrace.jobs.errors import QueueConflictError, QueueNotFoundError
+
+# Heap entries sort by (-priority, sequence): higher priority first, FIFO among equals.
+_Entry = tuple[int, int, bytes]
+
+
+@dataclass
+class _Queue:
+    options: QueueOptions
+    ready: list[_Entry] = field(default_factory=list)
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+    timers: set[asyncio.TimerHandle] = field(default_factory=set)
+    deleted: bool = False
+
+    def push(self, entry: _Entry) -> None:
+        heapq.heappush(self.ready, entry)
+        self.wake_one()
+
+    def wake_one(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def wake_all(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class _LocalReceiver(Receiver):
+    def __init__(self, client: LocalClient, queue: str) -> None:
+        self._client = client
+        self._queue = queue
+
+    async def get(self, timeout: float | None = None) -> Delivery | None:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            self._client._check_usable()
+            q = self._client._get_queue(self._queue)
+            if q.ready:
+                neg_priority, seq, body = heapq.heappop(q.ready)
+                return Delivery(self._queue, body, -neg_priority, handle=seq)
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return None
+            waiter: asyncio.Future[None] = loop.create_future()
+            q.waiters.append(waiter)
+            try:
+                await asyncio.wait({waiter}, timeout=remaining)
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                elif q.ready and not waiter.cancelled():
+                    # Woken but leaving (cancelled or looping): make sure the wake-up is not lost.
+                    q.wake_one()
+
+    async def close(self) -> None:
+        return None
+
+
+class LocalClient(Backend):
+    """In-memory backend for tests and single-process use: per-queue priority heaps, no polling.
+
+    Same semantics as the brokers (priority then FIFO, claimed jobs held until settled, released jobs go
+    back to their place, dead-letter queues), but nothing survives the process. Safe for many concurrent
+    producers and consumers on one event loop; bound to that loop.
+    """
+
+    schemes = ("memory",)
+
+    def __init__(self, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+        super().__init__(max_payload_bytes=max_payload_bytes)
+        self._queues: dict[str, _Queue] = {}
+        self._sequence = itertools.count()
+
+    @classmethod
+    def from_url(cls, url: str = "memory://", **kwargs: Any) -> LocalClient:
+        """A new in-memory backend; the URL (``memory://``) carries no settings."""
+        return cls(**kwargs)
+
+    def describe(self) -> str:
+        return "memory://"
+
+    def _get_queue(self, queue: str) -> _Queue:
+        q = self._queues.get(queue)
+        if q is None:
+            raise QueueNotFoundError(queue)
+        return q
+
+    async def _connect(self) -> None:
+        return None
+
+    async def _close(self) -> None:
+        for q in self._queues.values():
+            for timer in q.timers:
+                timer.cancel()
+            q.deleted = True
+            q.wake_all()
+
+    async def _declare_queue(self, queue: str, options: QueueOptions) -> None:
+        existing = self._queues.get(queue)
+        if existing is None:
+            self._queues[queue] = _Queue(options)
+        elif existing.options != options:
+            raise QueueConflictError(
+                f"queue {queue!r} exists with options {existing.options}, not {options}", queue=queue
+            )
+
+    async def _queue_exists(self, queue: str) -> bool:
+        return queue in self._queues
+
+    async def _publish(self, queue: str, message: OutgoingMessage) -> None:
+        self._get_queue(queue).push((-message.priority, next(self._sequence), message.body))
+
+    async def _open_receiver(self, queue: str, prefetch: int) -> Receiver:
+        self._get_queue(queue)
+        return _LocalReceiver(self, queue)
+
+    async def _ack(self, delivery: Delivery) -> None:
+        return None
+
+    async def _release(self, delivery: Delivery) -> None:
+        q = self._queues.get(delivery.queue)
+        if q is not None:
+            q.push((-delivery.priority, delivery.handle, delivery.body))
+
+    async def _retry(self, delivery: Delivery, message: OutgoingMessage, delay: float) -> None:
+        q = self._get_queue(delivery.queue)
+        entry = (-message.priority, next(self._sequence), message.body)
+        if delay <= 0:
+            q.push(entry)
+            return
+
+        def fire() -> None:
+            q.timers.discard(timer)
+            if not q.deleted:
+                q.push(entry)
+
+        timer = asyncio.get_running_loop().call_later(delay, fire)
+        q.timers.add(timer)
+
+    async def _dead_letter(self, delivery: Delivery, dead_letter_queue: str, message: OutgoingMessage) -> None:
+        q = self._queues.get(dead_letter_queue)
+        if q is None:
+            q = self._queues[dead_letter_queue] = _Queue(self._get_queue(delivery.queue).options)
+        q.push((-message.priority, next(self._sequence), message.body))
+
+    async def _count(self, queue: str) -> int:
+        return len(self._get_queue(queue).ready)
+
+    async def _purge(self, queue: str) -> int:
+        q = self._get_queue(queue)
+        removed = len(q.ready)
+        q.ready.clear()
+        return removed
+
+    async def _delete_queue(self, queue: str) -> None:
+        q = self._queues.pop(queue, None)
+        if q is not None:
+            q.deleted = True
+            for timer in q.timers:
+                timer.cancel()
+            q.wake_all()

@@ -1,0 +1,43 @@
+"""Every default of mindtrace.jobs, in one place."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+#: Suffix of a queue's dead-letter queue: jobs that spent their retries in ``q`` land in ``q.dlq``.
+DLQ_SUFFIX: Final = ".dlq"
+
+#: Largest encoded job accepted by ``publish`` (16 MiB); larger ones raise PayloadTooLargeError.
+MAX_PAYLOAD_BYTES: Final = 16 * 1024 * 1024
+
+#: Longest queue name; RabbitMQ allows 255 bytes and we keep room for suffixes.
+MAX_QUEUE_NAME_LENGTH: Final = 200
+
+#: Queue names: letters, digits, ``_``, ``-``, ``.``; no key separators (``:``), hash-tag braces or globs.
+QUEUE_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+#: Job priorities run from MIN_PRIORITY to MAX_PRIORITY; higher runs first.
+MIN_PRIORITY: Final = 0
+MAX_PRIORITY: Final = 9
+
+#: Consumer defaults: retries after the first failed run, first retry delay (seconds), its growth and cap.
+MAX_RETRIES: Final = 3
+RETRY_DELAY: Final = 1.0
+RETRY_BACKOFF: Final = 2.0
+MAX_RETRY_DELAY: Final = 300.0
+
+#: Seconds a claimed job stays leased on a broker with leases (Redis) before another consumer may take it.
+VISIBILITY_TIMEOUT: Final = 30.0
+
+#: Redis keys live under this prefix.
+REDIS_KEY_PREFIX: Final = "mindtrace:jobs:"
+
+#: Seconds to wait for a broker's answer to one operation (connect, confirm, RPC).
+OPERATION_TIMEOUT: Final = 10.0
+
+#: Seconds the blocking API waits at interpreter exit for open orchestrators to close.
+EXIT_CLOSE_TIMEOUT: Final = 1.0
+
+#: Name of the schema under which undecodable messages are dead-lettered.
+UNDECODABLE_SCHEMA: Final = "mindtrace.undecodable"

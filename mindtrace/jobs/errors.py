@@ -1,0 +1,188 @@
+"""Every exception mindtrace.jobs raises, and the one boundary where driver errors are translated.
+
+The tree::
+
+    JobsError
+    ├── ConfigurationError          bad constructor argument, URL or queue option      (also ValueError)
+    ├── MissingDependencyError      a backend's driver is not installed; names the extra (also ImportError)
+    ├── JobValidationError          a job or a job input does not validate; names the schema (also ValueError)
+    ├── PayloadTooLargeError        an encoded job is over the size limit              (also ValueError)
+    ├── DecodeError                 bytes on the wire are not a job; keeps the raw bytes
+    ├── QueueError
+    │   ├── InvalidQueueNameError   empty, too long, or characters that could collide  (also ValueError)
+    │   ├── QueueNotFoundError      the queue was never declared                       (also LookupError)
+    │   └── QueueConflictError      declared again with different options
+    ├── BackendError                the broker failed an operation
+    │   ├── BackendUnavailableError cannot reach host:port (also ConnectionError)
+    │   ├── PublishError            the broker did not confirm a publish; the job may not be queued
+    │   └── LeaseLostError          ack/retry of a job whose lease expired and went to another consumer
+    └── UsageError                  the API was used where it cannot work
+        ├── ClosedError             a closed orchestrator or backend was used
+        ├── WrongEventLoopError     a backend was used from an event loop other than its own
+        ├── LoopThreadError         the blocking API was called from its own background loop thread
+        └── ForkError               an object created before fork() was used in the child process
+
+Errors carry what a user needs to act as attributes (``queue``, ``job_id``, ``host``, ``port``) and never a
+password. A driver exception is chained as ``__cause__`` by :func:`translate_driver_errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+
+class JobsError(Exception):
+    """Base class of every error raised by mindtrace.jobs."""
+
+
+class ConfigurationError(JobsError, ValueError):
+    """A constructor argument, URL or queue option is invalid."""
+
+
+class MissingDependencyError(JobsError, ImportError):
+    """The driver a backend needs is not installed; the message names the extra to install."""
+
+    def __init__(self, backend: str, extra: str, package: str) -> None:
+        super().__init__(
+            f"{backend} needs the {package!r} package: install it with `pip install 'mindtrace-jobs[{extra}]'`"
+        )
+        self.backend = backend
+        self.extra = extra
+        self.package = package
+
+
+class JobValidationError(JobsError, ValueError):
+    """A job, or the input given for a schema, does not validate."""
+
+    def __init__(self, message: str, *, schema: str | None = None, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.schema = schema
+        self.job_id = job_id
+
+
+class PayloadTooLargeError(JobsError, ValueError):
+    """An encoded job is larger than the configured maximum; nothing was sent."""
+
+    def __init__(self, *, queue: str, job_id: str | None, size: int, limit: int) -> None:
+        super().__init__(
+            f"job {job_id!r} for queue {queue!r} encodes to {size} bytes, over the limit of {limit} bytes "
+            "(max_payload_bytes)"
+        )
+        self.queue = queue
+        self.job_id = job_id
+        self.size = size
+        self.limit = limit
+
+
+class DecodeError(JobsError):
+    """Bytes taken from a queue are not a valid job. ``raw`` keeps them; ``preview`` is printable."""
+
+    def __init__(self, reason: str, raw: bytes, *, queue: str | None = None, job_id: str | None = None) -> None:
+        self.reason = reason
+        self.raw = raw
+        self.queue = queue
+        self.job_id = job_id
+        self.preview = raw[:80].decode("utf-8", errors="backslashreplace")
+        where = f" from queue {queue!r}" if queue else ""
+        super().__init__(f"cannot decode a job{where}: {reason} (first bytes: {self.preview!r})")
+
+
+class QueueError(JobsError):
+    """An operation named a queue that cannot be used as asked. ``queue`` names it."""
+
+    def __init__(self, message: str, *, queue: str) -> None:
+        super().__init__(message)
+        self.queue = queue
+
+
+class InvalidQueueNameError(QueueError, ValueError):
+    """A queue name is empty, too long, or holds characters reserved by a backend."""
+
+
+class QueueNotFoundError(QueueError, LookupError):
+    """The queue was never declared (call ``declare_queue`` or ``register`` first)."""
+
+    def __init__(self, queue: str) -> None:
+        super().__init__(f"queue {queue!r} does not exist: declare it first with declare_queue()", queue=queue)
+
+
+class QueueConflictError(QueueError):
+    """A queue was declared again with options that differ from the existing ones."""
+
+
+class BackendError(JobsError):
+    """The broker failed an operation. ``backend`` describes it as ``scheme://host:port`` (no password)."""
+
+    def __init__(self, message: str, *, backend: str | None = None) -> None:
+        super().__init__(message)
+        self.backend = backend
+
+
+class BackendUnavailableError(BackendError, ConnectionError):
+    """The broker at ``host:port`` cannot be reached (after the retry budget, where there is one)."""
+
+    def __init__(self, message: str, *, host: str, port: int, backend: str | None = None) -> None:
+        super().__init__(f"{message} ({host}:{port})", backend=backend)
+        self.host = host
+        self.port = port
+
+
+class PublishError(BackendError):
+    """A publish was not confirmed by the broker: the job may or may not be queued."""
+
+    def __init__(self, message: str, *, queue: str, job_id: str | None = None, backend: str | None = None):
+        super().__init__(message, backend=backend)
+        self.queue = queue
+        self.job_id = job_id
+
+
+class LeaseLostError(BackendError):
+    """The job's lease expired and it was handed to another consumer; this consumer may not settle it."""
+
+    def __init__(self, *, queue: str, job_id: str | None, backend: str | None = None) -> None:
+        super().__init__(
+            f"lease on job {job_id!r} in queue {queue!r} was lost: it expired and the job may run elsewhere",
+            backend=backend,
+        )
+        self.queue = queue
+        self.job_id = job_id
+
+
+class UsageError(JobsError, RuntimeError):
+    """The API was used in a way that cannot work (closed object, wrong loop or thread, after fork)."""
+
+
+class ClosedError(UsageError):
+    """The orchestrator, consumer or backend was closed."""
+
+
+class WrongEventLoopError(UsageError):
+    """A backend bound to one event loop was used from another."""
+
+
+class LoopThreadError(UsageError):
+    """The blocking API was called from the background loop thread it runs on, which would deadlock."""
+
+
+class ForkError(UsageError):
+    """An object created in one process was used in a forked child; create a new one in the child."""
+
+
+@contextlib.contextmanager
+def translate_driver_errors(
+    *, host: str, port: int, backend: str, connection_errors: tuple[type[BaseException], ...]
+) -> Iterator[None]:
+    """Turn the driver's connection errors into :class:`BackendUnavailableError`, chaining the original.
+
+    Every backend wraps its I/O in this one boundary, so no raw driver traceback reaches the user for an
+    unreachable broker. Errors that are already ``JobsError`` pass through unchanged.
+    """
+    try:
+        yield
+    except JobsError:
+        raise
+    except connection_errors as exc:
+        raise BackendUnavailableError(
+            f"cannot reach {backend}: {type(exc).__name__}: {exc}", host=host, port=port, backend=backend
+        ) from exc

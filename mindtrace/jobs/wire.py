@@ -1,0 +1,156 @@
+"""Job <-> bytes: JSON through pydantic (never pickle), the size check, typed decoding via a schema registry."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic_core import from_json, to_json
+
+from mindtrace.jobs.constants import UNDECODABLE_SCHEMA
+from mindtrace.jobs.errors import DecodeError
+from mindtrace.jobs.types import Job, JobInput, JobOutput, JobSchema
+
+#: Version of the envelope below; bumped on an incompatible change.
+WIRE_VERSION = 1
+
+# Output given as a class, as an instance, or not at all: kept so a job comes back equal.
+_OUTPUT_NONE, _OUTPUT_TYPE, _OUTPUT_VALUE = 0, 1, 2
+
+
+class _UntypedInput(JobInput, extra="allow"):
+    """Input of a job whose schema is not registered in this process: fields kept as given."""
+
+
+class _UntypedOutput(JobOutput, extra="allow"):
+    """Output of a job whose schema is not registered in this process: fields kept as given."""
+
+
+class UndecodableMessage(JobInput):
+    """Input of the job that stands in, on a dead-letter queue, for bytes that were not a valid job."""
+
+    raw_base64: str
+    reason: str
+    source_queue: str | None = None
+
+    @property
+    def raw(self) -> bytes:
+        """The original bytes, exactly as they were taken from the queue."""
+        return base64.b64decode(self.raw_base64)
+
+
+@dataclass(frozen=True)
+class SchemaTypes:
+    """The classes a registered schema declares; used to rebuild typed inputs and outputs on receipt."""
+
+    input_type: type[JobInput]
+    output_type: type[JobOutput] | None
+
+    @classmethod
+    def of(cls, schema: JobSchema) -> SchemaTypes:
+        """The declared classes of ``schema``."""
+        return cls(schema.input_type, schema.output_type)
+
+
+BUILTIN_SCHEMAS: Mapping[str, SchemaTypes] = {UNDECODABLE_SCHEMA: SchemaTypes(UndecodableMessage, None)}
+
+
+def encode(job: Job) -> bytes:
+    """The job as compact JSON bytes. Inverse of :func:`decode` for a registered schema."""
+    payload = job.payload
+    output = payload.output
+    if output is None:
+        output_kind, output_value = _OUTPUT_NONE, None
+    elif isinstance(output, type):
+        output_kind, output_value = _OUTPUT_TYPE, None
+    else:
+        output_kind, output_value = _OUTPUT_VALUE, output.model_dump(mode="json")
+    envelope: dict[str, Any] = {
+        "v": WIRE_VERSION,
+        "id": job.id,
+        "name": job.name,
+        "job_type": job.job_type.value,
+        "priority": job.priority,
+        "entrypoint": job.entrypoint,
+        "created_at": job.created_at.isoformat(),
+        "attempts": job.attempts,
+        "error": job.error,
+        "metadata": job.metadata,
+        "schema": payload.name,
+        "input": None if isinstance(payload.input, type) else payload.input.model_dump(mode="json"),
+        "output_kind": output_kind,
+        "output": output_value,
+    }
+    return to_json(envelope)
+
+
+def decode(raw: bytes, schemas: Mapping[str, SchemaTypes], *, queue: str | None = None) -> Job:
+    """Rebuild a Job from bytes; ``job.payload.input`` is the registered input class when its schema is known.
+
+    Raises DecodeError (keeping ``raw``) for anything that is not a job, including an input that does not
+    validate against its registered schema.
+    """
+    try:
+        data = from_json(raw)
+    except ValueError as exc:
+        raise DecodeError(f"not JSON: {exc}", raw, queue=queue) from exc
+    if not isinstance(data, dict) or data.get("v") != WIRE_VERSION:
+        raise DecodeError(f"not a mindtrace job envelope (version {WIRE_VERSION})", raw, queue=queue)
+    job_id = data.get("id") if isinstance(data.get("id"), str) else None
+    try:
+        schema_name = data["schema"]
+        if not isinstance(schema_name, str):
+            raise DecodeError("schema name is not a string", raw, queue=queue, job_id=job_id)
+        types = schemas.get(schema_name) or BUILTIN_SCHEMAS.get(schema_name)
+        input_type: type[JobInput] = types.input_type if types else _UntypedInput
+        output_type: type[JobOutput] = (types.output_type if types else None) or _UntypedOutput
+        input_data = data["input"]
+        job_input: JobInput | type[JobInput] = (
+            input_type if input_data is None else input_type.model_validate(input_data)
+        )
+        kind = data["output_kind"]
+        output: JobOutput | type[JobOutput] | None = None
+        if kind == _OUTPUT_TYPE:
+            output = output_type
+        elif kind == _OUTPUT_VALUE:
+            output = output_type.model_validate(data["output"])
+        return Job(
+            id=data["id"],
+            name=data["name"],
+            job_type=data["job_type"],
+            payload=JobSchema(name=schema_name, input=job_input, output=output),
+            priority=data["priority"],
+            entrypoint=data["entrypoint"],
+            created_at=data["created_at"],
+            attempts=data["attempts"],
+            error=data["error"],
+            metadata=data["metadata"],
+        )
+    except KeyError as exc:
+        raise DecodeError(f"missing field {exc.args[0]!r}", raw, queue=queue, job_id=job_id) from exc
+    except ValidationError as exc:
+        raise DecodeError(f"does not validate: {exc}", raw, queue=queue, job_id=job_id) from exc
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"malformed: {exc}", raw, queue=queue, job_id=job_id) from exc
+
+
+def undecodable_job(error: DecodeError) -> Job:
+    """The job that carries undecodable bytes to a dead-letter queue, raw bytes kept for inspection."""
+    job = Job(
+        name=UNDECODABLE_SCHEMA,
+        payload=JobSchema(
+            name=UNDECODABLE_SCHEMA,
+            input=UndecodableMessage(
+                raw_base64=base64.b64encode(error.raw).decode("ascii"),
+                reason=error.reason,
+                source_queue=error.queue,
+            ),
+        ),
+        error=str(error),
+    )
+    if error.job_id:
+        job.id = error.job_id
+    return job
