@@ -1,0 +1,234 @@
+"""AsyncOrchestrator: the one implementation of queue operations, schema registration and routing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any, overload
+
+from mindtrace.jobs.backends import from_url
+from mindtrace.jobs.backends.base import (
+    Backend,
+    OutgoingMessage,
+    QueueOptions,
+    Receiver,
+    dead_letter_queue_name,
+    validate_queue_name,
+)
+from mindtrace.jobs.constants import UNDECODABLE_SCHEMA
+from mindtrace.jobs.errors import ClosedError, DecodeError, JobValidationError
+from mindtrace.jobs.types import QUEUE_MAPPING, Job, JobSchema
+from mindtrace.jobs.wire import SchemaTypes, decode, encode, undecodable_job
+
+logger = logging.getLogger("mindtrace.jobs")
+
+
+def outgoing(job: Job) -> OutgoingMessage:
+    """The encoded form of ``job``, ready for a backend."""
+    return OutgoingMessage(encode(job), job.priority, job.id)
+
+
+class AsyncOrchestrator:
+    """Declares queues, registers job schemas, publishes and receives jobs over one backend.
+
+    ``backend`` is a Backend instance (``LocalClient()``, ``RedisClient(...)``, ``RabbitMQClient(...)``) or a
+    URL (``memory://``, ``redis://host:6379/0``, ``amqp://user:pass@host/vhost``). Use as ``async with``, or
+    call ``close()``: closing the orchestrator closes its backend.
+    """
+
+    def __init__(self, backend: Backend | str) -> None:
+        self.backend: Backend = from_url(backend) if isinstance(backend, str) else backend
+        if not isinstance(self.backend, Backend):
+            raise JobValidationError(f"backend must be a Backend or a URL, not {type(backend).__name__}")
+        self._schemas: dict[str, SchemaTypes] = {}
+        self._known_queues: set[str] = set()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<AsyncOrchestrator {self.backend.describe()}>"
+
+    @property
+    def schemas(self) -> Mapping[str, SchemaTypes]:
+        """The schemas registered with this orchestrator, by name."""
+        return types.MappingProxyType(self._schemas)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"orchestrator on {self.backend.describe()} is closed")
+
+    async def register(self, schema: JobSchema) -> str:
+        """Remember ``schema``'s types and declare a queue named after it; returns the queue name.
+
+        Jobs of this schema received through this orchestrator (or a consumer connected to it) come back
+        with ``payload.input`` as the schema's input class. Registering a name again replaces its types.
+        """
+        self._check_open()
+        if not isinstance(schema, JobSchema):
+            raise JobValidationError(f"register() takes a JobSchema, not {type(schema).__name__}")
+        await self.ensure_queue(schema.name)
+        self._schemas[schema.name] = SchemaTypes.of(schema)
+        return schema.name
+
+    async def declare_queue(self, queue_name: str, **options: Any) -> None:
+        """Create ``queue_name`` (and its ``.dlq``) if missing. Idempotent; other options than the existing
+        ones raise QueueConflictError. Options: ``durable`` (default True)."""
+        self._check_open()
+        await self.backend.declare_queue(queue_name, QueueOptions.from_kwargs(queue_name, options))
+        self._known_queues.add(queue_name)
+
+    async def ensure_queue(self, queue_name: str) -> None:
+        """Declare ``queue_name`` with default options unless it already exists (whatever its options)."""
+        self._check_open()
+        if queue_name in self._known_queues:
+            return
+        if not await self.backend.queue_exists(queue_name):
+            await self.backend.declare_queue(queue_name, QueueOptions())
+        self._known_queues.add(queue_name)
+
+    @overload
+    async def publish(self, queue_name: str, job: Job, /) -> str: ...
+
+    @overload
+    async def publish(self, job: Job, /) -> str: ...
+
+    async def publish(self, queue_or_job: str | Job, job: Job | None = None, /) -> str:
+        """Queue ``job`` on ``queue_name``, or on ``QUEUE_MAPPING[job.job_type]`` when called as
+        ``publish(job)`` (that queue is declared if missing). Returns the job id once the broker holds it.
+
+        QueueNotFoundError when a named queue was never declared; PayloadTooLargeError over the size limit.
+        """
+        self._check_open()
+        queue, job = await self._route(queue_or_job, job)
+        await self.backend.publish(queue, outgoing(job))
+        return job.id
+
+    async def publish_many(self, queue_name: str, jobs: Sequence[Job]) -> list[str]:
+        """Queue several jobs on ``queue_name``; all are validated and encoded before any is sent."""
+        self._check_open()
+        validate_queue_name(queue_name)
+        messages = [outgoing(self._check_job(job)) for job in jobs]
+        await self.backend.publish_many(queue_name, messages)
+        return [message.job_id for message in messages]
+
+    async def _route(self, queue_or_job: str | Job, job: Job | None) -> tuple[str, Job]:
+        if isinstance(queue_or_job, Job) and job is None:
+            queue = QUEUE_MAPPING[queue_or_job.job_type]
+            await self.ensure_queue(queue)
+            return queue, queue_or_job
+        if not isinstance(queue_or_job, str):
+            raise JobValidationError(
+                f"publish() takes (queue_name, job) or (job), not ({type(queue_or_job).__name__}, ...)"
+            )
+        return queue_or_job, self._check_job(job)
+
+    @staticmethod
+    def _check_job(job: object) -> Job:
+        if not isinstance(job, Job):
+            raise JobValidationError(f"expected a Job, not {type(job).__name__}")
+        return job
+
+    def decode(self, raw: bytes, queue: str | None = None) -> Job:
+        """Rebuild a job from bytes with this orchestrator's registered schemas (DecodeError if not a job)."""
+        return decode(raw, self._schemas, queue=queue)
+
+    async def open_receiver(self, queue_name: str, *, prefetch: int = 1) -> Receiver:
+        """A receiver on ``queue_name`` (declared if missing): the consumer's low-level claim API."""
+        await self.ensure_queue(queue_name)
+        return await self.backend.open_receiver(queue_name, prefetch=prefetch)
+
+    async def receive_message(self, queue_name: str, timeout: float | None = None) -> Job | None:
+        """Take the next job off ``queue_name`` and hand it over (it leaves the queue), or None.
+
+        ``timeout``: None or 0 returns at once when nothing is ready; a positive number waits up to that many
+        seconds (``math.inf``: until a job comes). A message that is not a job is moved to the dead-letter
+        queue and skipped. For at-least-once processing use a Consumer instead.
+        """
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        wait = 0.0 if timeout is None else timeout
+        deadline = loop.time() + wait
+        async with await self.backend.open_receiver(queue_name, prefetch=1) as receiver:
+            while True:
+                remaining = None if math.isinf(wait) else max(0.0, deadline - loop.time())
+                delivery = await receiver.get(remaining)
+                if delivery is None:
+                    return None
+                try:
+                    job = self.decode(delivery.body, queue_name)
+                except DecodeError as exc:
+                    logger.warning("dead-lettering an undecodable message from %r: %s", queue_name, exc.reason)
+                    await self.backend.dead_letter(delivery, outgoing(undecodable_job(exc)))
+                    continue
+                await self.backend.ack(delivery)
+                return job
+
+    async def count_queue_messages(self, queue_name: str) -> int:
+        """Number of jobs ready to run on ``queue_name`` (not those running or waiting for a retry)."""
+        self._check_open()
+        return await self.backend.count(queue_name)
+
+    async def clean_queue(self, queue_name: str) -> int:
+        """Remove every ready job from ``queue_name``; returns how many were removed."""
+        self._check_open()
+        return await self.backend.purge(queue_name)
+
+    async def delete_queue(self, queue_name: str) -> None:
+        """Delete ``queue_name`` and its dead-letter queue, with every job in them."""
+        self._check_open()
+        await self.backend.delete_queue(queue_name)
+        self._known_queues.discard(queue_name)
+
+    async def requeue_dead_letters(self, queue_name: str, limit: int | None = None) -> int:
+        """Move jobs from ``queue_name``'s dead-letter queue back to it, attempts and error reset.
+
+        Each job is published to ``queue_name`` before it leaves the dead-letter queue, so a failure midway
+        duplicates at most one job and loses none. Undecodable messages stay where they are. Returns the
+        number moved.
+        """
+        self._check_open()
+        dlq = dead_letter_queue_name(queue_name)
+        moved = 0
+        skipped = []
+        async with await self.backend.open_receiver(dlq, prefetch=1) as receiver:
+            try:
+                while limit is None or moved < limit:
+                    delivery = await receiver.get(0)
+                    if delivery is None:
+                        break
+                    try:
+                        job = self.decode(delivery.body, dlq)
+                    except DecodeError:
+                        skipped.append(delivery)
+                        continue
+                    if job.payload.name == UNDECODABLE_SCHEMA:
+                        skipped.append(delivery)
+                        continue
+                    job.attempts, job.error = 0, None
+                    await self.publish(queue_name, job)
+                    await self.backend.ack(delivery)
+                    moved += 1
+            finally:
+                for delivery in skipped:
+                    await self.backend.release(delivery)
+        return moved
+
+    async def close(self) -> None:
+        """Close the backend. Further calls raise ClosedError. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.backend.close()
+
+    async def __aenter__(self) -> AsyncOrchestrator:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        await self.close()
