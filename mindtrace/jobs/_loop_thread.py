@@ -1,0 +1,187 @@
+"""The process-wide background event loop that the blocking API runs on: the only module that touches threads."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import os
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeVar
+
+from mindtrace.jobs.constants import EXIT_CLOSE_TIMEOUT
+from mindtrace.jobs.errors import ClosedError, ForkError, LoopThreadError
+
+T = TypeVar("T")
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+class LoopThread:
+    """One daemon thread running one asyncio loop; blocking callers submit coroutines to it.
+
+    Submitting is ``asyncio.run_coroutine_threadsafe`` (one hop each way), safe from any number of threads
+    and from inside another running event loop. Calling from the loop thread itself, after ``stop()`` or in
+    a forked child raises a clear error instead of hanging.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self._stopped = False
+        self._closables: weakref.WeakSet[Any] = weakref.WeakSet()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._main, args=(ready,), name="mindtrace-jobs-loop", daemon=True)
+        self.thread.start()
+        ready.wait()
+
+    def _main(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(ready.set)
+        self.loop.run_forever()
+
+    def _check(self, what: str) -> None:
+        if os.getpid() != self.pid:
+            raise ForkError(
+                f"{what} was created in process {self.pid} and used in forked process {os.getpid()}; "
+                "create a new one after fork()"
+            )
+        if self._stopped:
+            raise ClosedError(f"{what} cannot be used: the background event loop has stopped (interpreter exit)")
+        if threading.get_ident() == self.thread.ident:
+            raise LoopThreadError(
+                f"the blocking {what} API was called from its own event loop thread, which would deadlock; "
+                "use the async API (AsyncOrchestrator, AsyncConsumer) there"
+            )
+
+    def run(self, coro: Coroutine[Any, Any, T], what: str) -> T:
+        """Run ``coro`` on the loop and block until it returns its result or raises."""
+        try:
+            self._check(what)
+        except BaseException:
+            coro.close()
+            raise
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def run_interruptible(self, coro: Coroutine[Any, Any, T], what: str, grace: float) -> T:
+        """Like ``run``; on KeyboardInterrupt, cancel the coroutine, wait up to ``grace`` s for it to clean up
+        (give jobs back), then re-raise."""
+        try:
+            self._check(what)
+        except BaseException:
+            coro.close()
+            raise
+        done = threading.Event()
+
+        async def tracked() -> T:
+            try:
+                return await coro
+            finally:
+                done.set()
+
+        future = asyncio.run_coroutine_threadsafe(tracked(), self.loop)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()
+            done.wait(grace)
+            raise
+
+    def call_soon(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback`` on the loop thread soon; never blocks."""
+        if not self._stopped:
+            self.loop.call_soon_threadsafe(callback)
+
+    def track(self, closable: _Closable) -> None:
+        """Close ``closable`` (best effort, bounded in time) if it is still open at interpreter exit."""
+        self._closables.add(closable)
+
+    def stop(self) -> None:
+        """Close what is tracked (at most EXIT_CLOSE_TIMEOUT seconds), then stop the loop and its thread."""
+        if self._stopped or os.getpid() != self.pid:
+            return
+        closables = list(self._closables)
+        if closables and self.thread.is_alive():
+
+            async def close_all() -> None:
+                await asyncio.gather(*(c.close() for c in closables), return_exceptions=True)
+
+            future = asyncio.run_coroutine_threadsafe(close_all(), self.loop)
+            try:
+                future.result(EXIT_CLOSE_TIMEOUT)
+            except (concurrent.futures.TimeoutError, Exception):
+                future.cancel()
+        self._stopped = True
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(EXIT_CLOSE_TIMEOUT)
+
+
+class DaemonPool:
+    """A bounded pool of daemon threads for users' blocking ``run``: never joined at exit, never the loop.
+
+    ``concurrent.futures.ThreadPoolExecutor`` joins its threads at interpreter exit, so one job stuck in user
+    code would hang a script after Ctrl-C; these threads die with the process instead.
+    """
+
+    def __init__(self, size: int, name: str) -> None:
+        self._work: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._main, name=f"{name}-{i}", daemon=True) for i in range(size)]
+        for thread in self._threads:
+            thread.start()
+
+    def _main(self) -> None:
+        while (item := self._work.get()) is not None:
+            call, future = item
+            if future.cancelled():
+                continue
+            try:
+                result = call()
+            except BaseException as exc:
+                future.get_loop().call_soon_threadsafe(_set_exception, future, exc)
+            else:
+                future.get_loop().call_soon_threadsafe(_set_result, future, result)
+
+    def submit(self, call: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``call`` on a pool thread; the returned future (of the running loop) gets its outcome."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._work.put((call, future))
+        return future
+
+    def shutdown(self) -> None:
+        """Let the threads finish their current call and end; does not wait for them."""
+        for _ in self._threads:
+            self._work.put(None)
+
+
+def _set_result(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+_lock = threading.Lock()
+_current: LoopThread | None = None
+
+
+def get_loop_thread() -> LoopThread:
+    """The loop thread of this process, started on first use (and anew in a forked child)."""
+    global _current
+    with _lock:
+        if _current is None or _current.pid != os.getpid():
+            _current = LoopThread()
+        return _current
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    if _current is not None:
+        _current.stop()

@@ -1,0 +1,178 @@
+"""Orchestrator and Consumer: the blocking API, delegating every call to the async core on the loop thread."""
+
+from __future__ import annotations
+
+import abc
+import functools
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any, overload
+
+from mindtrace.jobs._loop_thread import DaemonPool, get_loop_thread
+from mindtrace.jobs.backends.base import Backend
+from mindtrace.jobs.constants import MAX_RETRIES, MAX_RETRY_DELAY, RETRY_BACKOFF, RETRY_DELAY
+from mindtrace.jobs.consumer import AsyncConsumer
+from mindtrace.jobs.errors import UsageError
+from mindtrace.jobs.orchestrator import AsyncOrchestrator
+from mindtrace.jobs.types import Job, JobSchema
+from mindtrace.jobs.wire import SchemaTypes
+
+#: Seconds a Ctrl-C'd consume() waits for running jobs to be given back before re-raising.
+_INTERRUPT_GRACE = 5.0
+
+
+class Orchestrator:
+    """The blocking twin of :class:`AsyncOrchestrator`; each method runs the async one on a background loop.
+
+    Safe from several threads at once and from inside a running event loop. Close it with ``close()`` or
+    ``with``; one left open is closed at interpreter exit. The async orchestrator is ``.aio``.
+    """
+
+    def __init__(self, backend: Backend | str) -> None:
+        self._thread = get_loop_thread()
+        self.aio = AsyncOrchestrator(backend)
+        self._thread.track(self.aio)
+
+    def __repr__(self) -> str:
+        return f"<Orchestrator {self.aio.backend.describe()}>"
+
+    @property
+    def backend(self) -> Backend:
+        """The backend this orchestrator runs on."""
+        return self.aio.backend
+
+    @property
+    def schemas(self) -> Mapping[str, SchemaTypes]:
+        """The schemas registered with this orchestrator, by name."""
+        return self.aio.schemas
+
+    def register(self, schema: JobSchema) -> str:
+        """See :meth:`AsyncOrchestrator.register`."""
+        return self._thread.run(self.aio.register(schema), "Orchestrator")
+
+    def declare_queue(self, queue_name: str, **options: Any) -> None:
+        """See :meth:`AsyncOrchestrator.declare_queue`."""
+        return self._thread.run(self.aio.declare_queue(queue_name, **options), "Orchestrator")
+
+    @overload
+    def publish(self, queue_name: str, job: Job, /) -> str: ...
+
+    @overload
+    def publish(self, job: Job, /) -> str: ...
+
+    def publish(self, queue_or_job: str | Job, job: Job | None = None, /) -> str:
+        """See :meth:`AsyncOrchestrator.publish`."""
+        return self._thread.run(self.aio.publish(queue_or_job, job), "Orchestrator")  # type: ignore[arg-type]
+
+    def publish_many(self, queue_name: str, jobs: Sequence[Job]) -> list[str]:
+        """See :meth:`AsyncOrchestrator.publish_many`."""
+        return self._thread.run(self.aio.publish_many(queue_name, jobs), "Orchestrator")
+
+    def receive_message(self, queue_name: str, timeout: float | None = None) -> Job | None:
+        """See :meth:`AsyncOrchestrator.receive_message`."""
+        return self._thread.run(self.aio.receive_message(queue_name, timeout), "Orchestrator")
+
+    def count_queue_messages(self, queue_name: str) -> int:
+        """See :meth:`AsyncOrchestrator.count_queue_messages`."""
+        return self._thread.run(self.aio.count_queue_messages(queue_name), "Orchestrator")
+
+    def clean_queue(self, queue_name: str) -> int:
+        """See :meth:`AsyncOrchestrator.clean_queue`."""
+        return self._thread.run(self.aio.clean_queue(queue_name), "Orchestrator")
+
+    def delete_queue(self, queue_name: str) -> None:
+        """See :meth:`AsyncOrchestrator.delete_queue`."""
+        return self._thread.run(self.aio.delete_queue(queue_name), "Orchestrator")
+
+    def requeue_dead_letters(self, queue_name: str, limit: int | None = None) -> int:
+        """See :meth:`AsyncOrchestrator.requeue_dead_letters`."""
+        return self._thread.run(self.aio.requeue_dead_letters(queue_name, limit), "Orchestrator")
+
+    def close(self) -> None:
+        """See :meth:`AsyncOrchestrator.close`."""
+        return self._thread.run(self.aio.close(), "Orchestrator")
+
+    def __enter__(self) -> Orchestrator:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _ThreadedRun(AsyncConsumer):
+    """The async consumer behind a sync Consumer: runs the user's blocking ``run`` in a bounded thread pool."""
+
+    def __init__(self, owner: Consumer, job_type_name: str, **options: Any) -> None:
+        super().__init__(job_type_name, **options)
+        self._owner = owner
+        self._pool: DaemonPool | None = None
+
+    async def run(self, job: Job) -> Any:
+        if self._pool is None:
+            raise UsageError("consume() is not running")
+        return await self._pool.submit(functools.partial(self._owner.run, job))
+
+    async def consume(self, num_messages: int | None = None, concurrency: int = 1) -> int:
+        self._pool = DaemonPool(concurrency, "mindtrace-jobs-run")
+        try:
+            return await super().consume(num_messages, concurrency)
+        finally:
+            self._pool.shutdown()
+            self._pool = None
+
+
+class Consumer(abc.ABC):
+    """Base class of a blocking worker: subclass it, implement ``run(job)``, ``connect()``, ``consume()``.
+
+    ``run`` is a plain function and runs in a thread pool of ``concurrency`` threads, off the event loop, so
+    blocking code is fine. Delivery guarantees, retries and dead-lettering are those of
+    :class:`AsyncConsumer`, which does the work. Ctrl-C during ``consume()`` gives unfinished jobs back to the
+    queue before KeyboardInterrupt propagates.
+    """
+
+    def __init__(
+        self,
+        job_type_name: str,
+        *,
+        max_retries: int = MAX_RETRIES,
+        retry_delay: float = RETRY_DELAY,
+        retry_backoff: float = RETRY_BACKOFF,
+        max_retry_delay: float = MAX_RETRY_DELAY,
+    ) -> None:
+        self._thread = get_loop_thread()
+        self.aio = _ThreadedRun(
+            self,
+            job_type_name,
+            max_retries=max_retries,
+            retry_delay=retry_delay,
+            retry_backoff=retry_backoff,
+            max_retry_delay=max_retry_delay,
+        )
+
+    @property
+    def queue_name(self) -> str:
+        """The queue this consumer takes jobs from."""
+        return self.aio.queue_name
+
+    @abc.abstractmethod
+    def run(self, job: Job) -> Any:
+        """Process one job (blocking code is fine). Return None or an output; raise to retry."""
+
+    def connect(self, orchestrator: Orchestrator) -> None:
+        """Consume through ``orchestrator`` (a sync Orchestrator)."""
+        if not isinstance(orchestrator, Orchestrator):
+            raise UsageError(f"connect() takes an Orchestrator, not {type(orchestrator).__name__}")
+        self.aio.connect(orchestrator.aio)
+
+    def consume(self, num_messages: int | None = None, concurrency: int = 1) -> int:
+        """See :meth:`AsyncConsumer.consume`; blocks until done. Returns how many messages were handled."""
+        return self._thread.run_interruptible(self.aio.consume(num_messages, concurrency), "Consumer", _INTERRUPT_GRACE)
+
+    def stop(self) -> None:
+        """Ask a running ``consume()`` to return after the jobs it runs now; callable from any thread."""
+        self._thread.call_soon(self.aio.stop)
