@@ -1,0 +1,298 @@
+"""Conformance: consuming with at-least-once delivery, retries, dead-lettering, concurrency, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from mindtrace.jobs import Job, JobInput, JobSchema, UndecodableMessage
+from mindtrace.jobs.backends.base import OutgoingMessage
+from mindtrace.jobs.wire import encode
+from tests.jobs.conformance.models import DetectionOutput, ImageInput, image_schema, make_job
+from tests.jobs.support.api import Api
+
+FAST_RETRY = {"retry_delay": 0.01, "retry_backoff": 1.0}
+
+
+async def test_consumer_runs_each_job_and_acks_it(api: Api, queue: str) -> None:
+    schema = image_schema(queue)
+    await api.register(schema)
+    jobs = [make_job(schema, i) for i in range(5)]
+    for job in jobs:
+        await api.publish(queue, job)
+    seen: list[Job] = []
+
+    async def handler(job: Job) -> DetectionOutput:
+        seen.append(job)
+        return DetectionOutput(objects=["cat"])
+
+    consumer = api.consumer(queue, handler)
+    assert await consumer.consume(num_messages=5) == 5
+    assert [j.id for j in seen] == [j.id for j in jobs]
+    assert all(isinstance(j.payload.input, ImageInput) for j in seen)
+    assert await api.count_queue_messages(queue) == 0
+    assert await api.count_queue_messages(queue + ".dlq") == 0
+    assert await api.receive_message(queue, timeout=0.2) is None
+
+
+async def test_failing_job_is_retried_then_dead_lettered_with_its_error(api: Api, queue: str) -> None:
+    schema = image_schema(queue)
+    await api.register(schema)
+    job = make_job(schema, 1)
+    await api.publish(queue, job)
+    attempts_seen: list[int] = []
+
+    async def handler(job: Job) -> None:
+        attempts_seen.append(job.attempts)
+        raise RuntimeError(f"boom {len(attempts_seen)}")
+
+    consumer = api.consumer(queue, handler, max_retries=2, **FAST_RETRY)
+    assert await consumer.consume(num_messages=3) == 3
+    assert attempts_seen == [0, 1, 2]
+    assert await api.count_queue_messages(queue) == 0
+    assert await api.count_queue_messages(queue + ".dlq") == 1
+    dead = await api.receive_message(queue + ".dlq", timeout=5)
+    assert dead is not None and dead.id == job.id
+    assert dead.attempts == 3
+    assert dead.error == "RuntimeError: boom 3"
+    assert dead.payload.input == job.payload.input
+
+
+async def test_dead_letters_can_be_requeued_and_cleaned(api: Api, queue: str) -> None:
+    schema = image_schema(queue)
+    await api.register(schema)
+    for i in range(3):
+        await api.publish(queue, make_job(schema, i))
+
+    async def handler(job: Job) -> None:
+        raise ValueError("bad")
+
+    await api.consumer(queue, handler, max_retries=0).consume(num_messages=3)
+    assert await api.count_queue_messages(queue + ".dlq") == 3
+    assert await api.requeue_dead_letters(queue, limit=2) == 2
+    assert await api.count_queue_messages(queue) == 2
+    requeued = await api.receive_message(queue, timeout=5)
+    assert requeued is not None and requeued.attempts == 0 and requeued.error is None
+    assert await api.clean_queue(queue + ".dlq") == 1
+
+
+async def test_a_retry_that_succeeds_is_not_dead_lettered(api: Api, queue: str) -> None:
+    schema = image_schema(queue)
+    await api.register(schema)
+    await api.publish(queue, make_job(schema, 1))
+    runs: list[int] = []
+
+    async def handler(job: Job) -> None:
+        runs.append(job.attempts)
+        if len(runs) == 1:
+            raise RuntimeError("transient")
+
+    await api.consumer(queue, handler, max_retries=3, **FAST_RETRY).consume(num_messages=2)
+    assert runs == [0, 1]
+    assert await api.count_queue_messages(queue + ".dlq") == 0
+    assert await api.count_queue_messages(queue) == 0
+
+
+async def test_retry_waits_for_its_delay(api: Api, queue: str) -> None:
+    schema = image_schema(queue)
+    await api.register(schema)
+    await api.publish(queue, make_job(schema, 1))
+    times: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def handler(job: Job) -> None:
+        times.append(loop.time())
+        if len(times) == 1:
+            raise RuntimeError("later")
+
+    await api.consumer(queue, handler, max_retries=1, retry_delay=0.5).consume(num_messages=2)
+    assert times[1] - times[0] >= 0.45
+    assert await api.count_queue_messages(queue + ".dlq") == 0
+
+
+async def test_output_that_does_not_match_the_schema_fails_the_job(api: Api, queue: str) -> None:
+    schema = image_schema(queue)
+    await api.register(schema)
+    await api.publish(queue, make_job(schema, 1))
+
+    async def handler(job: Job) -> Any:
+        return {"accuracy": "not a number"}
+
+    await api.consumer(queue, handler, max_retries=0).consume(num_messages=1)
+    dead = await api.receive_message(queue + ".dlq", timeout=5)
+    assert dead is not None
+    assert dead.error is not None and "DetectionOutput" in dead.error
+
+
+async def test_undecodable_message_is_dead_lettered_and_the_queue_goes_on(api: Api, queue: str) -> None:
+    schema = image_schema(queue)
+    await api.register(schema)
+    garbage = b"\x00\xffnot a job{"
+    backend = api.orchestrator.backend
+    await _publish_raw(api, queue, garbage)
+    job = make_job(schema, 1)
+    await api.publish(queue, job)
+    seen: list[str] = []
+
+    async def handler(job: Job) -> None:
+        seen.append(job.id)
+
+    assert await api.consumer(queue, handler).consume(num_messages=2) == 2
+    assert seen == [job.id]
+    dead = await api.receive_message(queue + ".dlq", timeout=5)
+    assert dead is not None
+    assert isinstance(dead.payload.input, UndecodableMessage)
+    assert dead.payload.input.raw == garbage
+    assert dead.payload.input.source_queue == queue
+    assert "not JSON" in (dead.error or "")
+    assert backend is api.orchestrator.backend
+
+
+async def test_schema_mismatched_input_is_dead_lettered_with_the_validation_error(api: Api, queue: str) -> None:
+    await api.register(image_schema(queue))
+
+    class OtherInput(JobInput):
+        image_path: int
+
+    wrong = Job(payload=JobSchema(name=queue, input=OtherInput(image_path=3)))
+    raw = encode(wrong).replace(b'"image_path":3', b'"image_path":{"nested":true}')
+    await _publish_raw(api, queue, raw)
+
+    async def handler(job: Job) -> None:
+        raise AssertionError("must not run")
+
+    await api.consumer(queue, handler).consume(num_messages=1)
+    dead = await api.receive_message(queue + ".dlq", timeout=5)
+    assert dead is not None and isinstance(dead.payload.input, UndecodableMessage)
+    assert dead.id == wrong.id
+    assert "image_path" in (dead.error or "")
+    assert base64.b64decode(dead.payload.input.raw_base64) == raw
+
+
+async def test_receive_message_skips_undecodable_messages_to_the_dead_letter_queue(api: Api, queue: str) -> None:
+    schema = image_schema(queue)
+    await api.register(schema)
+    await _publish_raw(api, queue, b"[1, 2, 3]")
+    job = make_job(schema, 1)
+    await api.publish(queue, job)
+    received = await api.receive_message(queue, timeout=5)
+    assert received is not None and received.id == job.id
+    assert await api.count_queue_messages(queue + ".dlq") == 1
+
+
+async def test_n_jobs_through_k_consumers_run_exactly_once(api: Api, queue: str) -> None:
+    schema = image_schema(queue)
+    await api.register(schema)
+    jobs = [make_job(schema, i) for i in range(120)]
+    await api.publish_many(queue, jobs)
+    counts: Counter[str] = Counter()
+    done = asyncio.Event()
+
+    async def handler(job: Job) -> None:
+        counts[job.id] += 1
+        await asyncio.sleep(0)
+        if sum(counts.values()) >= len(jobs):
+            done.set()
+
+    consumers = [api.consumer(queue, handler) for _ in range(3)]
+    tasks = [asyncio.create_task(c.consume(concurrency=4)) for c in consumers]
+    await asyncio.wait_for(done.wait(), 30)
+    for consumer in consumers:
+        consumer.stop()
+    handled = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    assert sum(handled) == len(jobs)
+    assert set(counts) == {j.id for j in jobs}
+    assert max(counts.values()) == 1
+    assert await api.count_queue_messages(queue) == 0
+
+
+async def test_concurrency_runs_jobs_at_the_same_time(api: Api, queue: str) -> None:
+    schema = image_schema(queue)
+    await api.register(schema)
+    for i in range(4):
+        await api.publish(queue, make_job(schema, i))
+    barrier = asyncio.Barrier(4) if hasattr(asyncio, "Barrier") else None
+    running = 0
+    peak = 0
+
+    async def handler(job: Job) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        if barrier is not None:
+            await asyncio.wait_for(barrier.wait(), 10)
+        else:
+            await asyncio.sleep(0.3)
+        running -= 1
+
+    assert await api.consumer(queue, handler).consume(num_messages=4, concurrency=4) == 4
+    assert peak == 4
+
+
+async def test_stop_returns_after_the_running_job(api: Api, queue: str) -> None:
+    schema = image_schema(queue)
+    await api.register(schema)
+    for i in range(3):
+        await api.publish(queue, make_job(schema, i))
+    seen: list[str] = []
+    holder: dict[str, Any] = {}
+
+    async def handler(job: Job) -> None:
+        seen.append(job.id)
+        holder["consumer"].stop()
+
+    holder["consumer"] = consumer = api.consumer(queue, handler)
+    assert await asyncio.wait_for(consumer.consume(), 10) == 1
+    assert len(seen) == 1
+    assert await api.count_queue_messages(queue) == 2
+
+
+async def test_idle_consumer_stops_when_asked(api: Api, queue: str) -> None:
+    await api.declare_queue(queue)
+
+    async def handler(job: Job) -> None:
+        raise AssertionError("no job was published")
+
+    consumer = api.consumer(queue, handler)
+    task = asyncio.create_task(consumer.consume(concurrency=2))
+    await asyncio.sleep(0.3)
+    assert not task.done()
+    consumer.stop()
+    assert await asyncio.wait_for(task, 10) == 0
+
+
+async def test_cancelling_consume_gives_the_running_job_back(async_api: Api, queue: str) -> None:
+    api = async_api
+    schema = image_schema(queue)
+    await api.register(schema)
+    job = make_job(schema, 1)
+    await api.publish(queue, job)
+    started = asyncio.Event()
+
+    async def handler(job: Job) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(api.consumer(queue, handler).consume())
+    await asyncio.wait_for(started.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    back = await api.receive_message(queue, timeout=10)
+    assert back is not None and back.id == job.id
+    assert back.attempts == 0
+
+
+async def _publish_raw(api: Api, queue: str, body: bytes) -> None:
+    """Put foreign bytes on a queue through the backend contract, as another client would."""
+    backend = api.orchestrator.backend
+    if api.kind == "sync":
+        from mindtrace.jobs._loop_thread import get_loop_thread
+
+        await asyncio.to_thread(get_loop_thread().run, backend.publish(queue, OutgoingMessage(body, 0, "raw")), "test")
+    else:
+        await backend.publish(queue, OutgoingMessage(body, 0, "raw"))
