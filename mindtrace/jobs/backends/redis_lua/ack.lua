@@ -1,0 +1,20 @@
+-- ack.lua: a claimed message is done; remove it, if the caller still holds its lease (after lib.lua).
+--
+-- KEYS[1] leases   KEYS[2] tokens   KEYS[3] ranks   KEYS[4] bodies   KEYS[5] deliveries
+-- ARGV[1] message id   ARGV[2] lease token
+--
+-- Returns 1 when removed, 0 when the message is gone already (settled before: nothing to do),
+-- -1 when the lease was lost (it expired and the message is ready again or held by another receiver).
+
+if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('HDEL', KEYS[4], ARGV[1])
+  redis.call('HDEL', KEYS[5], ARGV[1])
+  return 1
+end
+if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 0 then
+  return 0
+end
+return -1

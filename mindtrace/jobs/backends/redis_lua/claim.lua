@@ -1,0 +1,59 @@
+-- claim.lua: claim up to ARGV[1] ready messages under a lease (after lib.lua).
+--
+-- KEYS[1] meta        KEYS[2] ready   KEYS[3] delayed   KEYS[4] leases   KEYS[5] bodies
+-- KEYS[6] tokens      KEYS[7] ranks   KEYS[8] deliveries                 KEYS[9] wake
+-- ARGV[1] most messages to claim   ARGV[2] lease length in ms   ARGV[3] lease token
+--
+-- First makes due retries and expired leases ready, then pops the best-ranked messages. Each claimed
+-- message gets a lease deadline (leases), the token (tokens), its rank to come back to (ranks) and one
+-- more delivery (deliveries). A member this library did not write (no body) is adopted: its own bytes
+-- become its body, so the consumer can dead-letter it.
+--
+-- Returns {0} when the queue does not exist, else
+-- {1, wait_ms, id_1, body_1, rank_1, deliveries_1, id_2, ...}, where wait_ms is the time until the next
+-- retry delay or lease ends (-1 when there is none): how long a receiver with nothing may sleep.
+
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return { 0 }
+end
+local now = now_ms()
+promote(KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], now)
+
+local reply = { 1, -1 }
+local deadline = now + tonumber(ARGV[2])
+local popped = redis.call('ZPOPMIN', KEYS[2], tonumber(ARGV[1]))
+for i = 1, #popped, 2 do
+  local id, place = popped[i], popped[i + 1]
+  local body = redis.call('HGET', KEYS[5], id)
+  if not body then
+    body = id
+    redis.call('HSET', KEYS[5], id, body)
+  end
+  redis.call('ZADD', KEYS[4], deadline, id)
+  redis.call('HSET', KEYS[6], id, ARGV[3])
+  redis.call('HSET', KEYS[7], id, place)
+  local deliveries = redis.call('HINCRBY', KEYS[8], id, 1)
+  reply[#reply + 1] = id
+  reply[#reply + 1] = body
+  reply[#reply + 1] = place
+  reply[#reply + 1] = deliveries
+end
+
+if #popped > 0 and redis.call('ZCARD', KEYS[2]) > 0 then
+  wake(KEYS[9])
+end
+
+local next_at = nil
+for _, key in ipairs({ KEYS[3], KEYS[4] }) do
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if first[2] then
+    local at = tonumber(first[2])
+    if next_at == nil or at < next_at then
+      next_at = at
+    end
+  end
+end
+if next_at ~= nil then
+  reply[2] = math.max(0, next_at - now)
+end
+return reply
