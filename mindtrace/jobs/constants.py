@@ -33,6 +33,21 @@ VISIBILITY_TIMEOUT: Final = 30.0
 #: Redis keys live under this prefix.
 REDIS_KEY_PREFIX: Final = "mindtrace:jobs:"
 
+#: Times a Redis command is retried, with jittered exponential backoff, before BackendUnavailableError.
+REDIS_CONNECTION_RETRIES: Final = 6
+
+#: Longest single blocking wait on Redis (seconds); waits are re-issued, so this only bounds one round trip.
+REDIS_MAX_BLOCK: Final = 5.0
+
+#: The durable direct exchange every job is published through on RabbitMQ (routing key = queue name).
+AMQP_EXCHANGE: Final = "mindtrace.jobs"
+
+#: AMQP heartbeat (seconds): a silent peer is declared dead after about twice this.
+AMQP_HEARTBEAT: Final = 30
+
+#: Seconds between reconnect attempts of the robust RabbitMQ connection.
+AMQP_RECONNECT_INTERVAL: Final = 1.0
+
 #: Seconds to wait for a broker's answer to one operation (connect, confirm, RPC).
 OPERATION_TIMEOUT: Final = 10.0
 

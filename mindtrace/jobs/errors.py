@@ -138,11 +138,15 @@ class PublishError(BackendError):
 
 
 class LeaseLostError(BackendError):
-    """The job's lease expired and it was handed to another consumer; this consumer may not settle it."""
+    """This consumer no longer holds the job: its lease expired or its connection closed, so it may not settle it.
+
+    The job is (or will be) delivered again, possibly to another consumer; the late ack or retry is refused.
+    """
 
     def __init__(self, *, queue: str, job_id: str | None, backend: str | None = None) -> None:
         super().__init__(
-            f"lease on job {job_id!r} in queue {queue!r} was lost: it expired and the job may run elsewhere",
+            f"lease on job {job_id!r} in queue {queue!r} was lost (lease expired or connection closed); "
+            "the job may run elsewhere",
             backend=backend,
         )
         self.queue = queue

@@ -31,7 +31,14 @@ from aiormq.exceptions import (
 )
 
 from mindtrace.jobs.backends.base import Backend, Delivery, OutgoingMessage, QueueOptions, Receiver
-from mindtrace.jobs.constants import MAX_PAYLOAD_BYTES, MAX_PRIORITY, OPERATION_TIMEOUT
+from mindtrace.jobs.constants import (
+    AMQP_EXCHANGE,
+    AMQP_HEARTBEAT,
+    AMQP_RECONNECT_INTERVAL,
+    MAX_PAYLOAD_BYTES,
+    MAX_PRIORITY,
+    OPERATION_TIMEOUT,
+)
 from mindtrace.jobs.errors import (
     BackendError,
     BackendUnavailableError,
@@ -50,7 +57,7 @@ logger = logging.getLogger("mindtrace.jobs")
 _T = TypeVar("_T")
 
 #: The durable direct exchange every job is published to; each queue is bound to it under its own name.
-EXCHANGE: Final = "mindtrace.jobs"
+EXCHANGE: Final = AMQP_EXCHANGE
 
 #: Upper bounds (ms) of the retry-delay queues of a queue: half-octave steps from 1 ms to 2**31 ms (24.8 days).
 #: A retry waiting ``d`` ms goes to the first bucket >= d with a per-message expiration of exactly ``d``.
@@ -132,8 +139,9 @@ def _delivery_count(message: AbstractIncomingMessage) -> int:
 class _RabbitMQReceiver(Receiver):
     """Claims from one queue on a channel of its own, with QoS ``prefetch``.
 
-    A receiver with ``prefetch`` 1 answers ``get(0)`` with basic.get (a true "take one now", in queue order)
-    until a ``get`` that waits starts push delivery (basic.consume); with a larger ``prefetch`` (a consumer
+    A receiver with ``prefetch`` 1 answers ``get`` with basic.get (a true "take one now", in queue order)
+    until a ``get`` finds the queue empty and waits: that starts push delivery (basic.consume). With a larger
+    ``prefetch`` (a consumer
     running jobs concurrently) push delivery starts at the first ``get``. In push mode, ``get`` takes what the
     broker pushed, so ``get(0)`` returns None until the first messages arrive. When the channel or the
     consumer is lost (connection drop, queue deleted), the next ``get`` subscribes again; messages pushed on
@@ -152,6 +160,7 @@ class _RabbitMQReceiver(Receiver):
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._subscribing: asyncio.Task[None] | None = None
         self._held: set[Delivery] = set()
+        self._returning = 0  # late arrivals being given back after close()
         self._closed = False
 
     async def _watch(self, channel: AbstractChannel) -> None:
@@ -189,8 +198,14 @@ class _RabbitMQReceiver(Receiver):
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         if self._closed:
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+            # Arrived after close() began: give it back, holding the channel open until that is done.
+            self._returning += 1
+            try:
+                with contextlib.suppress(Exception):
+                    await self._client._return(message, self._queue)
+            finally:
+                self._returning -= 1
+                await self._discard_if_idle()
         elif _on_open_channel(message):  # else it arrived as its channel died: the broker has it back
             self._buffer.append(message)
             self._wake_one()
@@ -210,8 +225,12 @@ class _RabbitMQReceiver(Receiver):
                 if _on_open_channel(message):
                     return self._hand_out(message)
             if not self._push:
-                if timeout is not None and timeout <= 0 and self._prefetch == 1:
-                    return await self._pull()
+                if self._prefetch == 1:
+                    # Take what is ready with basic.get first: push delivery would prefetch the next message,
+                    # which a receiver that takes one job (receive_message) would have to give back.
+                    pulled = await self._pull()
+                    if pulled is not None or (timeout is not None and timeout <= 0):
+                        return pulled
                 self._push = True
             if self._consumer_tag is None and self._subscribing is None:
                 self._subscribing = asyncio.ensure_future(self._subscribe())
@@ -292,7 +311,11 @@ class _RabbitMQReceiver(Receiver):
 
     async def _settled(self, delivery: Delivery) -> None:
         self._held.discard(delivery)
-        if self._closed and not self._held:
+        await self._discard_if_idle()
+
+    async def _discard_if_idle(self) -> None:
+        # A closed receiver keeps its channel while it holds messages: acks must go out on that channel.
+        if self._closed and not self._held and not self._returning:
             await self._client._discard(self._channel)
 
     def _abandon(self) -> None:
@@ -317,13 +340,13 @@ class _RabbitMQReceiver(Receiver):
             with contextlib.suppress(Exception):
                 underlay = await channel.get_underlay_channel()
                 await underlay.basic_cancel(tag, timeout=timeout)
-        # Messages pushed but not handed out go back to their place; late arrivals are nacked on receipt.
+        # Messages pushed but not handed out go back (re-published, see _return); so do late arrivals.
         buffered, self._buffer = list(self._buffer), deque()
         for message in buffered:
             with contextlib.suppress(Exception):
-                await self._client._timed(message.nack(requeue=True))
+                await self._client._return(message, self._queue)
         self._wake()
-        if not self._held:
+        if not self._held and not self._returning:
             await self._client._discard(channel)
         elif buffered and not channel.is_closed:
             # The channel stays open for the held ones: one round trip, so the broker has the others back
@@ -362,9 +385,9 @@ class RabbitMQClient(Backend):
         *,
         ssl: bool = False,
         ssl_context: _ssl.SSLContext | None = None,
-        heartbeat: int = 30,
+        heartbeat: int = AMQP_HEARTBEAT,
         operation_timeout: float = OPERATION_TIMEOUT,
-        reconnect_interval: float = 1.0,
+        reconnect_interval: float = AMQP_RECONNECT_INTERVAL,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> None:
         super().__init__(max_payload_bytes=max_payload_bytes)
@@ -764,11 +787,31 @@ class RabbitMQClient(Backend):
 
     async def _release(self, delivery: Delivery) -> None:
         try:
-            if _on_open_channel(self._message(delivery)):  # else the closed channel gave it back already
-                with self._boundary():
-                    await self._timed(self._message(delivery).nack(requeue=True))
+            message = self._message(delivery)
+            if _on_open_channel(message):  # else the closed channel gave it back already
+                await self._return(message, delivery.queue)
         finally:
             await self._settled(delivery)
+
+    async def _return(self, message: AbstractIncomingMessage, queue: str) -> None:
+        """Give a held message back to ``queue`` without it counting as a lost run.
+
+        A nack would set the redelivered flag, which the consumer must read as a lost run. Giving a job back
+        (a stop, a cancelled task, a prefetched message never handed out) is not one: publish the same bytes
+        again, confirmed, and ack the original. The job rejoins the back of its priority band. If the publish
+        fails, nack instead: the redelivery is then charged one attempt, but the job is never lost.
+        """
+        if not _on_open_channel(message):
+            return  # its channel closed: the broker has it back already (a copy would be a duplicate)
+        copy = OutgoingMessage(body=message.body, priority=message.priority or 0, job_id=message.message_id or "")
+        try:
+            await self._send(EXCHANGE, queue, queue, copy)
+        except Exception:
+            with self._boundary():
+                await self._timed(message.nack(requeue=True))
+            return
+        with contextlib.suppress(Exception):
+            await self._timed(message.ack())
 
     async def _give_back(self, delivery: Delivery) -> None:
         """Best effort after a failed settle: the message must not stay held (it would block the prefetch)."""

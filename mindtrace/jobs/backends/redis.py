@@ -32,7 +32,9 @@ from mindtrace.jobs.constants import (
     MAX_PRIORITY,
     MIN_PRIORITY,
     OPERATION_TIMEOUT,
+    REDIS_CONNECTION_RETRIES,
     REDIS_KEY_PREFIX,
+    REDIS_MAX_BLOCK,
     VISIBILITY_TIMEOUT,
 )
 from mindtrace.jobs.errors import (
@@ -56,7 +58,7 @@ _PRIORITY_BAND = 2**44
 #: Longest an idle receiver blocks between two claims. Wake-ups and deadlines returned by the claim make
 #: receivers react at once; this only bounds how late one notices what nobody told it about (a lease taken
 #: and lost by another process, a deleted queue).
-_MAX_BLOCK = 5.0
+_MAX_BLOCK = REDIS_MAX_BLOCK
 
 #: Messages per publish script call; bigger batches go as several calls in one MULTI/EXEC transaction.
 _PUBLISH_CHUNK = 500
@@ -275,7 +277,7 @@ class RedisClient(Backend):
         visibility_timeout: float = VISIBILITY_TIMEOUT,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
         operation_timeout: float = OPERATION_TIMEOUT,
-        connection_retries: int = 6,
+        connection_retries: int = REDIS_CONNECTION_RETRIES,
     ) -> None:
         super().__init__(max_payload_bytes=max_payload_bytes)
         if not isinstance(port, int) or not 0 < port < 65536:

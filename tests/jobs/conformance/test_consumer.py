@@ -296,3 +296,35 @@ async def _publish_raw(api: Api, queue: str, body: bytes) -> None:
         await asyncio.to_thread(get_loop_thread().run, backend.publish(queue, OutgoingMessage(body, 0, "raw")), "test")
     else:
         await backend.publish(queue, OutgoingMessage(body, 0, "raw"))
+
+
+async def test_stopping_a_busy_consumer_never_charges_or_dead_letters_a_job(api: Api, queue: str) -> None:
+    # Jobs claimed or prefetched by a consumer that stops are given back, not counted as lost runs: with
+    # max_retries=0 a single charge would dead-letter them.
+    schema = image_schema(queue)
+    await api.register(schema)
+    jobs = [make_job(schema, i) for i in range(12)]
+    for job in jobs:
+        await api.publish(queue, job)
+    first_run: list[str] = []
+    holder: dict[str, Any] = {}
+
+    async def stop_after_two(job: Job) -> None:
+        first_run.append(job.id)
+        if len(first_run) == 2:
+            holder["consumer"].stop()
+        await asyncio.sleep(0.05)
+
+    holder["consumer"] = consumer = api.consumer(queue, stop_after_two, max_retries=0)
+    await asyncio.wait_for(consumer.consume(concurrency=4), 20)
+    assert await api.count_queue_messages(queue + ".dlq") == 0
+    rest: list[Job] = []
+
+    async def collect(job: Job) -> None:
+        rest.append(job)
+
+    remaining = len(jobs) - len(first_run)
+    assert await asyncio.wait_for(api.consumer(queue, collect, max_retries=0).consume(num_messages=remaining), 20)
+    assert sorted([j.id for j in rest] + first_run) == sorted(j.id for j in jobs)
+    assert all(j.attempts == 0 and j.error is None for j in rest)
+    assert await api.count_queue_messages(queue + ".dlq") == 0
