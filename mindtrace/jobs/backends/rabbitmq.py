@@ -141,11 +141,11 @@ class _RabbitMQReceiver(Receiver):
 
     A receiver with ``prefetch`` 1 answers ``get`` with basic.get (a true "take one now", in queue order)
     until a ``get`` finds the queue empty and waits: that starts push delivery (basic.consume). With a larger
-    ``prefetch`` (a consumer
-    running jobs concurrently) push delivery starts at the first ``get``. In push mode, ``get`` takes what the
-    broker pushed, so ``get(0)`` returns None until the first messages arrive. When the channel or the
-    consumer is lost (connection drop, queue deleted), the next ``get`` subscribes again; messages pushed on
-    the lost channel are dropped, since the broker gives them to someone else.
+    ``prefetch`` (a consumer running jobs concurrently) push delivery starts at the first ``get``. In push
+    mode, ``get`` takes what the broker pushed, so ``get(0)`` returns None until the first messages arrive.
+    When the channel or the consumer is lost (connection drop, queue deleted), the next ``get`` subscribes
+    again; messages pushed on the lost channel are dropped, since the broker gives them to someone else.
+    Messages pushed but never handed out are given back at ``close()`` by re-publishing (see ``_return``).
     """
 
     def __init__(self, client: RabbitMQClient, queue: str, prefetch: int, channel: AbstractChannel) -> None:
