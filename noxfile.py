@@ -1,6 +1,8 @@
-"""Nox sessions: tests, lint, typecheck, bench."""
+"""Nox sessions: tests, lint, typecheck, bench, soak."""
 
 from __future__ import annotations
+
+import argparse
 
 import nox
 
@@ -35,3 +37,36 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: python -m benchmarks, arguments passed through (e.g. -- --n 5000)."""
     session.install("-e", ".[test]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """The fault suite at full size: nox -s soak -- --jobs 10000 --kills 5 [--fuzz 2000] [pytest args].
+
+    Each scenario prints a summary line (jobs, kills, restarts, cuts, fuzz cases, lost, duplicated).
+    """
+    parser = argparse.ArgumentParser(prog="nox -s soak --")
+    parser.add_argument("--jobs", type=int, default=10_000, help="jobs per scenario")
+    parser.add_argument("--kills", type=int, default=5, help="consumer kills (and cuts, restarts) per scenario")
+    parser.add_argument("--fuzz", type=int, default=1_000, help="hypothesis examples per fuzz test")
+    args, rest = parser.parse_known_args(session.posargs)
+    session.install("-e", ".[test]")
+    env = {
+        "MINDTRACE_JOBS_SOAK_JOBS": str(args.jobs),
+        "MINDTRACE_JOBS_SOAK_KILLS": str(args.kills),
+        "MINDTRACE_JOBS_FUZZ_EXAMPLES": str(args.fuzz),
+    }
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "tests/jobs/faults/",
+        "-v",
+        "-s",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "timeout=3600",
+        *rest,
+        env=env,
+    )

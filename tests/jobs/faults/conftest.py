@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[3]
 #: Scenario sizes: the quick profile by default; `nox -s soak -- --jobs N --kills K` raises them.
 SOAK_JOBS = int(os.environ.get("MINDTRACE_JOBS_SOAK_JOBS", "600"))
 SOAK_KILLS = int(os.environ.get("MINDTRACE_JOBS_SOAK_KILLS", "5"))
+#: Hypothesis examples per fuzz test (the soak raises it).
+FUZZ_EXAMPLES = int(os.environ.get("MINDTRACE_JOBS_FUZZ_EXAMPLES", "60"))
 
 #: Redis visibility timeout used by fault scenarios (seconds).
 TEST_VISIBILITY = 1.0
