@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import mindtrace.jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "mindtrace" / "jobs" / "examples"
@@ -33,3 +37,15 @@ def test_readme_documents_the_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "python -m pytest tests/jobs/" in readme
     assert "python -m pytest tests/jobs/" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_python_block_in_the_readme_compiles_and_imports_only_public_names() -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    assert len(blocks) >= 4
+    for block in blocks:
+        tree = ast.parse(block)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "mindtrace.jobs":
+                for alias in node.names:
+                    assert alias.name in mindtrace.jobs.__all__, f"README imports {alias.name}, not exported"
