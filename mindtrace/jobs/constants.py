@@ -17,6 +17,9 @@ MAX_QUEUE_NAME_LENGTH: Final = 200
 #: Queue names: letters, digits, ``_``, ``-``, ``.``; no key separators (``:``), hash-tag braces or globs.
 QUEUE_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
+#: Queue name prefix RabbitMQ reserves for itself; refused on every backend, so a name works on all of them.
+RESERVED_QUEUE_PREFIX: Final = "amq."
+
 #: Job priorities run from MIN_PRIORITY to MAX_PRIORITY; higher runs first.
 MIN_PRIORITY: Final = 0
 MAX_PRIORITY: Final = 9

@@ -15,7 +15,7 @@ The tree::
     ├── BackendError                the broker failed an operation
     │   ├── BackendUnavailableError cannot reach host:port (also ConnectionError)
     │   ├── PublishError            the broker did not confirm a publish; the job may not be queued
-    │   └── LeaseLostError          ack/retry of a job whose lease expired and went to another consumer
+    │   └── LeaseLostError          ack/retry of a job this consumer no longer holds (lease expired, connection closed)
     └── UsageError                  the API was used where it cannot work
         ├── ClosedError             a closed orchestrator or backend was used
         ├── WrongEventLoopError     a backend was used from an event loop other than its own

@@ -18,8 +18,8 @@ from mindtrace.jobs.backends.base import (
     dead_letter_queue_name,
     validate_queue_name,
 )
-from mindtrace.jobs.constants import UNDECODABLE_SCHEMA
-from mindtrace.jobs.errors import ClosedError, DecodeError, JobValidationError
+from mindtrace.jobs.constants import DLQ_SUFFIX, UNDECODABLE_SCHEMA
+from mindtrace.jobs.errors import ClosedError, DecodeError, JobValidationError, QueueError
 from mindtrace.jobs.types import QUEUE_MAPPING, Job, JobSchema
 from mindtrace.jobs.wire import SchemaTypes, decode, encode, undecodable_job
 
@@ -186,10 +186,17 @@ class AsyncOrchestrator:
 
         Each job is published to ``queue_name`` before it leaves the dead-letter queue, so a failure midway
         duplicates at most one job and loses none. Undecodable messages stay where they are. Returns the
-        number moved.
+        number moved. ``queue_name`` is the queue the jobs go back to, never a dead-letter queue itself
+        (QueueError: its jobs would come straight back to it).
         """
         self._check_open()
-        dlq = dead_letter_queue_name(queue_name)
+        dlq = dead_letter_queue_name(validate_queue_name(queue_name))
+        if dlq == queue_name:
+            raise QueueError(
+                f"{queue_name!r} is a dead-letter queue: requeue_dead_letters() takes the queue its jobs go back "
+                f"to ({queue_name[: -len(DLQ_SUFFIX)]!r})",
+                queue=queue_name,
+            )
         moved = 0
         skipped = []
         async with await self.backend.open_receiver(dlq, prefetch=1) as receiver:

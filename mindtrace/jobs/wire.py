@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
-from pydantic_core import from_json, to_json
+from pydantic_core import PydanticSerializationError, from_json, to_json
 
 from mindtrace.jobs.constants import UNDECODABLE_SCHEMA
-from mindtrace.jobs.errors import DecodeError
+from mindtrace.jobs.errors import DecodeError, JobValidationError
 from mindtrace.jobs.types import Job, JobInput, JobOutput, JobSchema
 
 #: Version of the envelope below; bumped on an incompatible change.
@@ -59,7 +59,11 @@ BUILTIN_SCHEMAS: Mapping[str, SchemaTypes] = {UNDECODABLE_SCHEMA: SchemaTypes(Un
 
 
 def encode(job: Job) -> bytes:
-    """The job as compact JSON bytes. Inverse of :func:`decode` for a registered schema."""
+    """The job as compact JSON bytes. Inverse of :func:`decode` for a registered schema.
+
+    JobValidationError, naming the job, when a value cannot be JSON (an arbitrary object in ``metadata``, a
+    string holding a lone surrogate).
+    """
     payload = job.payload
     output = payload.output
     if output is None:
@@ -84,7 +88,12 @@ def encode(job: Job) -> bytes:
         "output_kind": output_kind,
         "output": output_value,
     }
-    return to_json(envelope)
+    try:
+        return to_json(envelope)
+    except PydanticSerializationError as exc:
+        raise JobValidationError(
+            f"job {job.id!r} cannot be encoded as JSON: {exc}", schema=payload.name, job_id=job.id
+        ) from exc
 
 
 def decode(raw: bytes, schemas: Mapping[str, SchemaTypes], *, queue: str | None = None) -> Job:
@@ -97,7 +106,9 @@ def decode(raw: bytes, schemas: Mapping[str, SchemaTypes], *, queue: str | None 
         data = from_json(raw)
     except ValueError as exc:
         raise DecodeError(f"not JSON: {exc}", raw, queue=queue) from exc
-    if not isinstance(data, dict) or data.get("v") != WIRE_VERSION:
+    # The version must be the integer itself: JSON's true and 1.0 compare equal to 1 in Python.
+    version = data.get("v") if isinstance(data, dict) else None
+    if type(version) is not int or version != WIRE_VERSION:
         raise DecodeError(f"not a mindtrace job envelope (version {WIRE_VERSION})", raw, queue=queue)
     job_id = data.get("id") if isinstance(data.get("id"), str) else None
     try:
@@ -111,12 +122,14 @@ def decode(raw: bytes, schemas: Mapping[str, SchemaTypes], *, queue: str | None 
         job_input: JobInput | type[JobInput] = (
             input_type if input_data is None else input_type.model_validate(input_data)
         )
-        kind = data["output_kind"]
+        kind, output_data = data["output_kind"], data["output"]
+        if type(kind) is not int or kind not in (_OUTPUT_NONE, _OUTPUT_TYPE, _OUTPUT_VALUE):
+            raise DecodeError(f"unknown output_kind {kind!r}", raw, queue=queue, job_id=job_id)
         output: JobOutput | type[JobOutput] | None = None
         if kind == _OUTPUT_TYPE:
             output = output_type
         elif kind == _OUTPUT_VALUE:
-            output = output_type.model_validate(data["output"])
+            output = output_type.model_validate(output_data)
         return Job(
             id=data["id"],
             name=data["name"],
@@ -133,7 +146,7 @@ def decode(raw: bytes, schemas: Mapping[str, SchemaTypes], *, queue: str | None 
         raise DecodeError(f"missing field {exc.args[0]!r}", raw, queue=queue, job_id=job_id) from exc
     except ValidationError as exc:
         raise DecodeError(f"does not validate: {exc}", raw, queue=queue, job_id=job_id) from exc
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: a date that leaves datetime's range
         raise DecodeError(f"malformed: {exc}", raw, queue=queue, job_id=job_id) from exc
 
 

@@ -24,6 +24,7 @@ from mindtrace.jobs.constants import (
     MAX_QUEUE_NAME_LENGTH,
     MIN_PRIORITY,
     QUEUE_NAME_PATTERN,
+    RESERVED_QUEUE_PREFIX,
 )
 from mindtrace.jobs.errors import (
     ClosedError,
@@ -119,21 +120,28 @@ def validate_queue_name(name: object) -> str:
     """Return ``name`` if it is a usable queue name, else raise InvalidQueueNameError saying why.
 
     Names are 1..200 characters of letters, digits, ``_``, ``-`` and ``.``, not starting with ``.`` or
-    ``-``: no key separators, braces, globs or spaces, so that no two names can share broker keys.
+    ``-``: no key separators, braces, globs or spaces, so that no two names can share broker keys. A name
+    ending in ``.dlq`` may be longer by that suffix, so the dead-letter queue of every valid name is valid.
+    Names starting with ``amq.`` are reserved by RabbitMQ and refused on every backend.
     """
     if not isinstance(name, str):
         raise InvalidQueueNameError(f"queue name must be a str, not {type(name).__name__}", queue=repr(name))
     if not name:
         raise InvalidQueueNameError("queue name is empty", queue=name)
-    if len(name) > MAX_QUEUE_NAME_LENGTH:
+    limit = MAX_QUEUE_NAME_LENGTH + (len(DLQ_SUFFIX) if name.endswith(DLQ_SUFFIX) else 0)
+    if len(name) > limit:
         raise InvalidQueueNameError(
-            f"queue name is {len(name)} characters long, over the limit of {MAX_QUEUE_NAME_LENGTH}",
+            f"queue name {name[:40]!r}... is {len(name)} characters long, over the limit of {limit}",
             queue=name[:40] + "...",
         )
     if not QUEUE_NAME_PATTERN.fullmatch(name):
         raise InvalidQueueNameError(
             f"queue name {name!r} may hold only letters, digits, '_', '-' and '.', and must not start with '.' or '-'",
             queue=name,
+        )
+    if name.startswith(RESERVED_QUEUE_PREFIX):
+        raise InvalidQueueNameError(
+            f"queue name {name!r} starts with {RESERVED_QUEUE_PREFIX!r}, a prefix RabbitMQ reserves", queue=name
         )
     return name
 
