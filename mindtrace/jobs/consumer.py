@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
+import sys
 from typing import Any
 
 from pydantic import ValidationError
 
-from mindtrace.jobs.backends.base import Delivery, Receiver
+from mindtrace.jobs.backends.base import Delivery, Receiver, dead_letter_queue_name, validate_queue_name
 from mindtrace.jobs.constants import MAX_RETRIES, MAX_RETRY_DELAY, RETRY_BACKOFF, RETRY_DELAY
 from mindtrace.jobs.errors import (
     BackendError,
@@ -19,6 +18,8 @@ from mindtrace.jobs.errors import (
     ConfigurationError,
     DecodeError,
     JobValidationError,
+    PayloadTooLargeError,
+    QueueError,
     UsageError,
 )
 from mindtrace.jobs.orchestrator import AsyncOrchestrator, outgoing
@@ -59,7 +60,8 @@ class AsyncConsumer(abc.ABC):
     ``retry_delay * retry_backoff ** (n - 1)`` seconds (at most ``max_retry_delay``), then moved to the
     queue's dead-letter queue (``<queue>.dlq``) with ``job.error`` and ``job.attempts`` recorded. A message
     that is not a job goes to the dead-letter queue at once. ``run``'s return value, when not None, must
-    validate against the schema's output type.
+    validate against the schema's output type. A dead-letter queue cannot be consumed (QueueError): its
+    failed jobs would be dead-lettered back into it.
     """
 
     def __init__(
@@ -75,6 +77,12 @@ class AsyncConsumer(abc.ABC):
             raise ConfigurationError(f"max_retries must be >= 0, not {max_retries}")
         if retry_delay < 0 or retry_backoff < 1 or max_retry_delay < 0:
             raise ConfigurationError("retry_delay and max_retry_delay must be >= 0 and retry_backoff >= 1")
+        if dead_letter_queue_name(validate_queue_name(job_type_name)) == job_type_name:
+            raise QueueError(
+                f"{job_type_name!r} is a dead-letter queue: a consumer of it would dead-letter failed jobs back "
+                "into it; take them with receive_message() or move them back with requeue_dead_letters()",
+                queue=job_type_name,
+            )
         self.queue_name = job_type_name
         self.max_retries = max_retries
         self.retry_delay = retry_delay
@@ -82,8 +90,8 @@ class AsyncConsumer(abc.ABC):
         self.max_retry_delay = max_retry_delay
         self._orchestrator: AsyncOrchestrator | None = None
         self._stopping = False
-        self._idle: set[asyncio.Task[Any]] = set()
-        self._orphans: set[asyncio.Future[None]] = set()
+        self._idle: set[asyncio.Task[Any]] = set()  # workers waiting for a message, which stop() cancels
+        self._leased: set[Delivery] = set()  # running jobs whose leases the keeper renews
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @abc.abstractmethod
@@ -127,14 +135,20 @@ class AsyncConsumer(abc.ABC):
         self._loop = asyncio.get_running_loop()
         budget = _Budget(num_messages)
         handled = [0]
+        lease = orchestrator.backend.lease_timeout
         async with await orchestrator.open_receiver(self.queue_name, prefetch=concurrency) as receiver:
             workers = [asyncio.create_task(self._work(receiver, budget, handled)) for _ in range(concurrency)]
+            # One task renews every running job's lease, rather than one task per job.
+            keeper = None if lease is None else asyncio.create_task(self._keep_leases(lease))
             try:
                 await asyncio.gather(*workers)
             finally:
                 for worker in workers:
                     worker.cancel()
                 await asyncio.gather(*workers, return_exceptions=True)
+                if keeper is not None:
+                    keeper.cancel()
+                    await asyncio.gather(keeper, return_exceptions=True)
         return handled[0]
 
     async def _work(self, receiver: Receiver, budget: _Budget, handled: list[int]) -> None:
@@ -156,32 +170,22 @@ class AsyncConsumer(abc.ABC):
             handled[0] += 1
 
     async def _claim(self, receiver: Receiver) -> Delivery | None:
-        # Fast path: a ready message is taken without a task or a wait.
-        delivery = await receiver.get(0)
-        if delivery is not None or self._stopping:
-            return delivery
-        # The blocking claim runs as its own task so that stop() can cancel it without cancelling this worker.
-        task = asyncio.ensure_future(receiver.get(None))
-        self._idle.add(task)
+        # The worker waits in the receiver itself: no task per claim. stop() cancels the workers waiting here
+        # (and only here); a receiver's get() keeps a message it was cancelled on for the next get(), or gives
+        # it back at close, so ending the worker this way loses nothing.
+        worker = asyncio.current_task()
+        assert worker is not None
+        self._idle.add(worker)
         try:
-            await asyncio.wait({task})
+            return await receiver.get(None)
         except asyncio.CancelledError:
-            task.cancel()
-            task.add_done_callback(self._release_orphan)
-            raise
+            if not self._stopping:
+                raise
+            if sys.version_info >= (3, 11) and worker.uncancel() > 0:
+                raise  # cancelled from outside too
+            return None
         finally:
-            self._idle.discard(task)
-        return None if task.cancelled() else task.result()
-
-    def _release_orphan(self, task: asyncio.Task[Delivery | None]) -> None:
-        # A claim that completed as its worker was cancelled: give the message back rather than drop it.
-        if task.cancelled() or task.exception() is not None:
-            return
-        delivery = task.result()
-        if delivery is not None and not delivery.settled:
-            release = asyncio.ensure_future(self.orchestrator.backend.release(delivery))
-            self._orphans.add(release)
-            release.add_done_callback(self._orphans.discard)
+            self._idle.discard(worker)
 
     async def _handle(self, delivery: Delivery) -> None:
         backend = self.orchestrator.backend
@@ -200,7 +204,7 @@ class AsyncConsumer(abc.ABC):
                 logger.warning("dead-lettering job %s after %d lost runs", job.id, job.attempts)
                 await self._settle(backend.dead_letter(delivery, outgoing(job)), delivery)
             else:
-                await self._settle(backend.retry(delivery, outgoing(job), 0.0), delivery)
+                await self._retry(delivery, job, 0.0)
             return
         if job.attempts + delivery.delivery_count - 1 > self.max_retries:
             # Failed runs plus runs that never settled are over the budget: its runs kill or stall the
@@ -217,8 +221,11 @@ class AsyncConsumer(abc.ABC):
             if backend.lease_timeout is None:
                 result = await self.run(job)
             else:
-                async with self._lease(delivery, backend.lease_timeout):
+                self._leased.add(delivery)
+                try:
                     result = await self.run(job)
+                finally:
+                    self._leased.discard(delivery)
             self._check_output(job, result)
         except Exception as exc:
             await self._fail(delivery, job, exc)
@@ -233,12 +240,25 @@ class AsyncConsumer(abc.ABC):
         backend = self.orchestrator.backend
         job.attempts += 1
         job.error = f"{type(exc).__name__}: {exc}"
+        # The text may hold lone surrogates (an undecodable file name): keep them as escapes JSON can carry.
+        job.error = job.error.encode("utf-8", "backslashreplace").decode("utf-8")
         if job.attempts <= self.max_retries:
             delay = min(self.retry_delay * self.retry_backoff ** (job.attempts - 1), self.max_retry_delay)
             logger.info("job %s failed (attempt %d), retrying in %.2fs: %s", job.id, job.attempts, delay, job.error)
-            await self._settle(backend.retry(delivery, outgoing(job), delay), delivery)
+            await self._retry(delivery, job, delay)
         else:
             logger.warning("job %s failed %d times, dead-lettering: %s", job.id, job.attempts, job.error)
+            await self._settle(backend.dead_letter(delivery, outgoing(job)), delivery)
+
+    async def _retry(self, delivery: Delivery, job: Job, delay: float) -> None:
+        """Retry ``job`` after ``delay`` s, or dead-letter it when its recorded error took it over the size limit."""
+        backend = self.orchestrator.backend
+        try:
+            await self._settle(backend.retry(delivery, outgoing(job), delay), delivery)
+        except PayloadTooLargeError as exc:
+            # Refused before anything was settled; the dead-letter queue takes it whatever its size.
+            job.error = f"{job.error} (not retried: {exc})"
+            logger.warning("dead-lettering job %s: %s", job.id, exc)
             await self._settle(backend.dead_letter(delivery, outgoing(job)), delivery)
 
     async def _settle(self, operation: Any, delivery: Delivery) -> None:
@@ -269,20 +289,16 @@ class AsyncConsumer(abc.ABC):
             job_id=job.id,
         )
 
-    @contextlib.asynccontextmanager
-    async def _lease(self, delivery: Delivery, lease: float) -> AsyncIterator[None]:
-        renewer = asyncio.create_task(self._renew(delivery, lease))
-        try:
-            yield
-        finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+    async def _keep_leases(self, lease: float) -> None:
+        """Every ``lease / 3`` s, extend the lease of every job running: a job that started since the last
+        round is extended within ``lease / 3`` s of its start, the same bound a timer per job would give."""
+        while True:
+            await asyncio.sleep(lease / 3)
+            await asyncio.gather(*(self._renew(delivery, lease) for delivery in list(self._leased)))
 
     async def _renew(self, delivery: Delivery, lease: float) -> None:
         backend = self.orchestrator.backend
-        while True:
-            await asyncio.sleep(lease / 3)
+        if delivery in self._leased:
             try:
                 await backend.extend(delivery, lease)
             except BackendError as exc:

@@ -9,6 +9,7 @@ import logging
 import math
 import ssl as _ssl
 import sys
+import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,9 +26,11 @@ from aiormq import spec
 from aiormq.exceptions import (
     AMQPConnectionError,
     AMQPError,
+    AuthenticationError,
     ChannelInvalidStateError,
     ChannelNotFoundEntity,
     ChannelPreconditionFailed,
+    ProbableAuthenticationError,
 )
 
 from mindtrace.jobs.backends.base import Backend, Delivery, OutgoingMessage, QueueOptions, Receiver
@@ -78,7 +81,22 @@ _NO_ROUTE: Final = 312
 # Driver errors that mean the broker could not be reached or the connection went away under an operation.
 _CONNECTION_ERRORS: Final = (AMQPConnectionError, OSError, asyncio.TimeoutError, ChannelInvalidStateError)
 
-_URL_OPTIONS: Final = ("heartbeat",)
+#: Query options ``from_url`` takes: ``heartbeat`` (an int) anywhere, ``ssl_ca_certs`` (a path) with amqps:// only.
+_URL_OPTIONS: Final = ("heartbeat", "ssl_ca_certs")
+
+
+def _lost_connection(error: BaseException) -> bool:
+    """Whether ``error`` is one of the untyped ways the driver reports a connection closing under an operation.
+
+    aiormq raises ``RuntimeError("<Connection ...> closed")`` when the connection closed between aio-pika's
+    "ready" and a channel open, and rejects operations pending on a closing connection with a bare
+    ``Exception``. Only errors raised inside the driver count, so a bug of ours is never relabelled.
+    """
+    if type(error) not in (Exception, RuntimeError):
+        return False
+    frames = list(traceback.walk_tb(error.__traceback__))
+    module = str(frames[-1][0].f_globals.get("__name__", "")) if frames else ""
+    return module.split(".")[0] in {"aiormq", "aio_pika"}
 
 
 def retry_queue_name(queue: str, bucket_ms: int) -> str:
@@ -330,21 +348,26 @@ class _RabbitMQReceiver(Receiver):
         if self._closed:
             return
         self._closed = True
-        self._client._receivers.discard(self)
-        if self._subscribing is not None:
-            self._subscribing.cancel()
-            await asyncio.gather(self._subscribing, return_exceptions=True)
-        channel, tag, self._consumer_tag = self._channel, self._consumer_tag, None
-        timeout = self._client.operation_timeout
-        if tag is not None and not channel.is_closed:
-            with contextlib.suppress(Exception):
-                underlay = await channel.get_underlay_channel()
-                await underlay.basic_cancel(tag, timeout=timeout)
-        # Messages pushed but not handed out go back (re-published, see _return); so do late arrivals.
-        buffered, self._buffer = list(self._buffer), deque()
-        for message in buffered:
-            with contextlib.suppress(Exception):
-                await self._client._return(message, self._queue)
+        # Until the buffered messages are given back, the channel must stay open even if the held ones settle.
+        self._returning += 1
+        try:
+            self._client._receivers.discard(self)
+            if self._subscribing is not None:
+                self._subscribing.cancel()
+                await asyncio.gather(self._subscribing, return_exceptions=True)
+            channel, tag, self._consumer_tag = self._channel, self._consumer_tag, None
+            timeout = self._client.operation_timeout
+            if tag is not None and not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    underlay = await channel.get_underlay_channel()
+                    await underlay.basic_cancel(tag, timeout=timeout)
+            # Messages pushed but not handed out go back (re-published, see _return); so do late arrivals.
+            buffered, self._buffer = list(self._buffer), deque()
+            for message in buffered:
+                with contextlib.suppress(Exception):
+                    await self._client._return(message, self._queue)
+        finally:
+            self._returning -= 1
         self._wake()
         if not self._held and not self._returning:
             await self._client._discard(channel)
@@ -368,6 +391,11 @@ class RabbitMQClient(Backend):
     its delay has passed. The connection reconnects by itself (aio-pika robust connection) and receivers
     subscribe again; jobs in flight at a disconnect run again. The password never appears in ``repr``,
     ``describe()`` or error messages.
+
+    TLS (``ssl=True``, or an ``amqps://`` URL) verifies the broker's certificate and host name against the
+    system's trusted CAs, against the CA bundle file ``ssl_ca_certs`` (which implies TLS; also
+    ``amqps://...?ssl_ca_certs=/path/ca.pem``), or as the ``ssl_context`` you pass (for a client certificate,
+    say) dictates. Pass ``ssl_ca_certs`` or ``ssl_context``, not both.
     """
 
     schemes = ("amqp", "amqps")
@@ -385,6 +413,7 @@ class RabbitMQClient(Backend):
         *,
         ssl: bool = False,
         ssl_context: _ssl.SSLContext | None = None,
+        ssl_ca_certs: str | None = None,
         heartbeat: int = AMQP_HEARTBEAT,
         operation_timeout: float = OPERATION_TIMEOUT,
         reconnect_interval: float = AMQP_RECONNECT_INTERVAL,
@@ -401,12 +430,20 @@ class RabbitMQClient(Backend):
             raise ConfigurationError("operation_timeout and reconnect_interval must be positive")
         if not virtual_host:
             raise ConfigurationError("virtual_host must not be empty (the default one is '/')")
+        if ssl_ca_certs is not None:
+            if ssl_context is not None:
+                raise ConfigurationError("pass ssl_ca_certs or ssl_context, not both")
+            try:
+                ssl_context = _ssl.create_default_context(cafile=ssl_ca_certs)
+            except (OSError, _ssl.SSLError) as exc:
+                raise ConfigurationError(f"cannot load the CA bundle ssl_ca_certs={ssl_ca_certs!r}: {exc}") from exc
         self.host = host
         self.port = port
         self.username = username
         self._password = _Secret(password)
         self.virtual_host = virtual_host
         self.ssl = ssl or ssl_context is not None
+        self.ssl_ca_certs = ssl_ca_certs
         self._ssl_context = ssl_context
         self.heartbeat = heartbeat
         self.operation_timeout = operation_timeout
@@ -422,8 +459,9 @@ class RabbitMQClient(Backend):
         """A client for ``amqp://user:password@host:port/vhost`` (``amqps://`` for TLS).
 
         Omitted parts take the defaults (guest/guest, port 5672 or 5671, vhost ``/``); the vhost is
-        percent-decoded (``%2F`` is ``/``) and an empty path means ``/``. ``?heartbeat=N`` is the only query
-        option. Keyword arguments go to the constructor and win over the URL.
+        percent-decoded (``%2F`` is ``/``) and an empty path means ``/``. Query options: ``?heartbeat=N``, and
+        with ``amqps://`` ``?ssl_ca_certs=/path/ca.pem`` (percent-encoded). Keyword arguments go to the
+        constructor and win over the URL.
         """
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -447,6 +485,11 @@ class RabbitMQClient(Backend):
                 raise ConfigurationError(
                     f"unknown option {key!r} in AMQP URL {where}; known: {', '.join(_URL_OPTIONS)}"
                 )
+            if key == "ssl_ca_certs":
+                if scheme != "amqps":
+                    raise ConfigurationError(f"option ssl_ca_certs needs an amqps:// URL, not {where}")
+                options[key] = value
+                continue
             try:
                 options[key] = int(value)
             except ValueError:
@@ -483,6 +526,15 @@ class RabbitMQClient(Backend):
             raise
         except AMQPError as exc:
             raise BackendError(f"{self.describe()}: {type(exc).__name__}: {exc}", backend=self.describe()) from exc
+        except Exception as exc:
+            if not _lost_connection(exc):
+                raise
+            raise BackendUnavailableError(
+                f"lost the connection to {self.describe()} during the operation: {type(exc).__name__}: {exc}",
+                host=self.host,
+                port=self.port,
+                backend=self.describe(),
+            ) from exc
 
     async def _timed(self, operation: Awaitable[_T]) -> _T:
         """``operation`` bounded by ``operation_timeout`` (TimeoutError), without a task per call on 3.11+."""
@@ -512,7 +564,13 @@ class RabbitMQClient(Backend):
                 backend=self.describe(),
                 connection_errors=(*CONNECTION_EXCEPTIONS, asyncio.TimeoutError),
             ):
-                await connection.connect(timeout=self.operation_timeout)
+                try:
+                    await connection.connect(timeout=self.operation_timeout)
+                except (AuthenticationError, ProbableAuthenticationError) as exc:
+                    # The broker answered and refused the login: unlike an unreachable broker, waiting cannot help.
+                    raise BackendError(
+                        f"{self.describe()} refused the credentials: {exc}", backend=self.describe()
+                    ) from exc
         except BaseException:
             await self._close_connection(connection)
             raise

@@ -12,16 +12,17 @@ import json
 import logging
 import math
 import secrets
+import ssl as _ssl
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
+from redis.exceptions import AuthenticationError, AuthorizationError, NoScriptError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -71,9 +72,21 @@ _SCRIPTS = ("declare", "publish", "claim", "ack", "release", "retry", "dead_lett
 
 _REFUSED = (AuthenticationError, AuthorizationError)
 
+#: TLS options ``from_url`` takes from a ``rediss://`` URL's query, and the values of ``ssl_cert_reqs``.
+_URL_OPTIONS = ("ssl_ca_certs", "ssl_cert_reqs")
+_CERT_REQS = ("required", "optional", "none")
+
+
+def _untrusted_certificate(error: BaseException) -> bool:
+    """Whether ``error`` (as redis-py wraps it) is the server's TLS certificate failing verification."""
+    return isinstance(error.__cause__, _ssl.SSLCertVerificationError) or isinstance(
+        error.__context__, _ssl.SSLCertVerificationError
+    )
+
 
 class _Retry(Retry):
-    """redis-py's Retry, except that refused credentials fail at once: trying again cannot help."""
+    """redis-py's Retry, except that refused credentials and untrusted certificates fail at once: trying
+    again cannot help."""
 
     async def call_with_retry(
         self,
@@ -83,7 +96,8 @@ class _Retry(Retry):
         with_failure_count: bool = False,
     ) -> _T:
         def retryable(error: Exception) -> bool:
-            return not isinstance(error, _REFUSED) and (is_retryable is None or is_retryable(error))
+            refused = isinstance(error, _REFUSED) or _untrusted_certificate(error)
+            return not refused and (is_retryable is None or is_retryable(error))
 
         return await super().call_with_retry(do, fail, retryable, with_failure_count)
 
@@ -122,6 +136,9 @@ class _Keys:
 
     def all(self) -> list[str]:
         return [getattr(self, field.name) for field in dataclasses.fields(self)]
+
+
+_keys_of = functools.lru_cache(maxsize=1024)(_Keys.of)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +277,11 @@ class RedisClient(Backend):
     survives a server restart is what the server persists (use ``appendonly yes``). Commands are retried
     with exponential backoff ``connection_retries`` times before BackendUnavailableError. The password never
     appears in ``repr``, ``describe()`` or errors.
+
+    TLS (``ssl=True``, or a ``rediss://`` URL) verifies the server's certificate and host name against the
+    system's trusted CAs, or against the CA bundle file ``ssl_ca_certs`` (which implies TLS).
+    ``ssl_cert_reqs`` is ``"required"`` (the default), ``"optional"`` or ``"none"`` (no verification).
+    A certificate that fails verification is a BackendUnavailableError at once, without retries.
     """
 
     schemes = ("redis", "rediss")
@@ -273,6 +295,8 @@ class RedisClient(Backend):
         *,
         username: str | None = None,
         ssl: bool = False,
+        ssl_ca_certs: str | None = None,
+        ssl_cert_reqs: str = "required",
         key_prefix: str = REDIS_KEY_PREFIX,
         visibility_timeout: float = VISIBILITY_TIMEOUT,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
@@ -294,11 +318,20 @@ class RedisClient(Backend):
             raise ConfigurationError(f"operation_timeout must be positive, not {operation_timeout}")
         if connection_retries < 0:
             raise ConfigurationError(f"connection_retries must be >= 0, not {connection_retries}")
+        if ssl_cert_reqs not in _CERT_REQS:
+            raise ConfigurationError(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, not {ssl_cert_reqs!r}")
+        if ssl_ca_certs is not None:
+            try:  # a missing or broken bundle is a configuration mistake, not an unreachable server
+                _ssl.create_default_context(cafile=ssl_ca_certs)
+            except (OSError, _ssl.SSLError) as exc:
+                raise ConfigurationError(f"cannot load the CA bundle ssl_ca_certs={ssl_ca_certs!r}: {exc}") from exc
         self.host = host
         self.port = port
         self.db = db
         self.username = username
-        self.ssl = ssl
+        self.ssl = ssl or ssl_ca_certs is not None
+        self.ssl_ca_certs = ssl_ca_certs
+        self.ssl_cert_reqs = ssl_cert_reqs
         self.key_prefix = key_prefix
         self.visibility_timeout = float(visibility_timeout)
         self.lease_timeout = self.visibility_timeout
@@ -313,20 +346,36 @@ class RedisClient(Backend):
         self._pushes: set[asyncio.Task[None]] = set()  # wake-ups being passed on
         self._claims: set[asyncio.Task[Any]] = set()
         self._held: weakref.WeakSet[Delivery] = weakref.WeakSet()
+        # Script calls made while another is in flight, sent together at the next turn of the loop.
+        self._pending: list[tuple[AsyncScript, Sequence[str], Sequence[Any], asyncio.Future[Any]]] = []
+        self._in_flight = 0
+        self._batches: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisClient:
         """A client for ``redis://[[user]:password@]host[:port][/db]`` (``rediss://`` for TLS).
 
-        User and password are percent-decoded. Keyword arguments are passed to the constructor and win
-        over the URL. Errors never repeat the URL, which may hold a password.
+        User and password are percent-decoded. A ``rediss://`` URL takes the TLS options ``ssl_ca_certs``
+        (path of a CA bundle) and ``ssl_cert_reqs`` as query parameters, e.g.
+        ``rediss://host:6380/0?ssl_ca_certs=/etc/ssl/my-ca.pem``; no other query is accepted. Keyword
+        arguments are passed to the constructor and win over the URL. Errors never repeat the URL, which may
+        hold a password.
         """
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in cls.schemes:
             raise ConfigurationError(f"RedisClient needs a redis:// or rediss:// URL, not {scheme or '(none)'}://")
-        if parts.query or parts.fragment:
-            raise ConfigurationError("RedisClient URLs take no query or fragment; pass options as keyword arguments")
+        if parts.fragment or (parts.query and scheme != "rediss"):
+            raise ConfigurationError(
+                "RedisClient URLs take no fragment, and query options (TLS ones) only with rediss://; "
+                "pass other options as keyword arguments"
+            )
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        unknown = sorted(set(query) - set(_URL_OPTIONS))
+        if unknown:
+            raise ConfigurationError(
+                f"unknown option(s) {', '.join(unknown)} in the Redis URL; known: {', '.join(_URL_OPTIONS)}"
+            )
         try:
             port = parts.port or 6379
         except ValueError as exc:
@@ -341,6 +390,7 @@ class RedisClient(Backend):
             "password": unquote(parts.password) if parts.password else None,
             "username": unquote(parts.username) if parts.username else None,
             "ssl": scheme == "rediss",
+            **query,
         }
         options.update(kwargs)
         return cls(**options)
@@ -353,7 +403,7 @@ class RedisClient(Backend):
     # -- plumbing ------------------------------------------------------------------------------------
 
     def _keys(self, queue: str) -> _Keys:
-        return _Keys.of(self.key_prefix, queue)
+        return _keys_of(self.key_prefix, queue)
 
     @contextlib.contextmanager
     def _io(self) -> Iterator[None]:
@@ -383,8 +433,78 @@ class RedisClient(Backend):
         return self._redis
 
     async def _run(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run one script (each is atomic on the server).
+
+        A call made while none is in flight goes out at once. Calls made while others are in flight (the
+        acks and claims of concurrent jobs) are sent together at the next turn of the event loop, as one
+        pipeline: one round trip and one connection for all of them instead of one each.
+        """
         with self._io():
-            return await self._scripts[script](keys=keys, args=args)
+            if not self._in_flight and not self._pending:
+                self._in_flight += 1
+                try:
+                    return await self._evalsha(self._client, self._scripts[script], keys, args)
+                finally:
+                    self._in_flight -= 1
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[Any] = loop.create_future()
+            self._pending.append((self._scripts[script], keys, args, future))
+            if len(self._pending) == 1:
+                loop.call_soon(self._flush)
+            return await future
+
+    @staticmethod
+    async def _evalsha(client: Any, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:  # the server lost its scripts (restart, SCRIPT FLUSH): load it again
+            return await script(keys=keys, args=args)
+
+    def _flush(self) -> None:
+        batch = [call for call in self._pending if not call[3].done()]  # a cancelled caller's call is not sent
+        self._pending = []
+        if batch:
+            task = asyncio.ensure_future(self._send(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _send(self, batch: list[tuple[AsyncScript, Sequence[str], Sequence[Any], asyncio.Future[Any]]]) -> None:
+        """Send ``batch`` as one pipeline (not a transaction) and hand each caller its own reply."""
+        self._in_flight += 1
+        try:
+            if len(batch) == 1:
+                script, keys, args, _ = batch[0]
+                replies: list[Any] = [await self._evalsha(self._client, script, keys, args)]
+            else:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for script, keys, args, _ in batch:
+                        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                    replies = await pipe.execute(raise_on_error=False)
+            for i, (script, keys, args, _) in enumerate(batch):
+                if isinstance(replies[i], NoScriptError):  # reloaded by _evalsha, for this call alone
+                    try:
+                        replies[i] = await self._evalsha(self._client, script, keys, args)
+                    except Exception as exc:
+                        replies[i] = exc
+        except BaseException as exc:
+            for *_, future in batch:
+                if future.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finally:
+            self._in_flight -= 1
+        for (*_, future), reply in zip(batch, replies, strict=True):
+            if not future.done():
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
 
     async def _connect(self) -> None:
         def client(socket_timeout: float) -> aioredis.Redis:
@@ -393,6 +513,8 @@ class RedisClient(Backend):
                 port=self.port,
                 db=self.db,
                 ssl=self.ssl,
+                ssl_ca_certs=self.ssl_ca_certs,
+                ssl_cert_reqs=self.ssl_cert_reqs,
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=self.operation_timeout,
                 retry=_Retry(ExponentialWithJitterBackoff(base=_RETRY_BASE, cap=_RETRY_CAP), self.connection_retries),
@@ -417,7 +539,7 @@ class RedisClient(Backend):
         reads = dict(self._reads)
         for read in reads:
             read.cancel()
-        await asyncio.gather(*reads, *self._claims, *self._pushes, return_exceptions=True)
+        await asyncio.gather(*reads, *self._claims, *self._pushes, *self._batches, return_exceptions=True)
         unsettled = [delivery for delivery in self._held if not delivery.settled]
         if unsettled:
             await self._give_back(unsettled)

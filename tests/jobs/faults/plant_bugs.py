@@ -104,6 +104,7 @@ def run_plant(plant: Plant, scratch: Path, timeout: float) -> tuple[bool, str]:
         env=env,
         capture_output=True,
         text=True,
+        errors="replace",
         timeout=timeout,
     )
     lines = [line for line in result.stdout.splitlines() if line.strip()]

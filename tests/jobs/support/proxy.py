@@ -1,4 +1,4 @@
-"""A loopback TCP proxy for fault tests: forwards a free 127.0.0.1 port to a broker, and can cut or blackhole it."""
+"""A loopback TCP proxy for fault tests: forwards a free 127.0.0.1 port to a broker; can cut, blackhole or slow it."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ import threading
 import types
 from collections.abc import Coroutine
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 _T = TypeVar("_T")
+
+#: Port of each broker URL scheme when the URL names none.
+DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "amqp": 5672, "amqps": 5671}
 
 
 def is_loopback(host: str) -> bool:
@@ -23,6 +27,12 @@ def is_loopback(host: str) -> bool:
         )
     except (OSError, ValueError):
         return False
+
+
+def target_of(url: str) -> tuple[str, int]:
+    """Host and port a broker URL points to (the scheme's default port if it names none)."""
+    parts = urlsplit(url)
+    return parts.hostname or "localhost", parts.port or DEFAULT_PORTS[parts.scheme.lower()]
 
 
 class _Link:
@@ -42,7 +52,8 @@ class TcpProxy:
     It runs its own event loop in a daemon thread, so it keeps forwarding whatever the test's loop does, and
     every method may be called from any thread. ``cut()`` aborts every open connection (both sides see a
     reset) and keeps listening, so clients can reconnect; ``blackhole()`` keeps connections open but drops
-    every byte in both directions (a broker that stopped answering). The target must be a loopback address.
+    every byte in both directions (a broker that stopped answering); ``slow()`` delays every byte (a distant
+    broker). The target must be a loopback address.
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -54,6 +65,7 @@ class TcpProxy:
         #: Connections accepted so far.
         self.accepted = 0
         self._blackholed = False
+        self._delay = 0.0
         self._links: set[_Link] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop = asyncio.new_event_loop()
@@ -66,6 +78,11 @@ class TcpProxy:
         self._call(self._start())
         return self
 
+    @property
+    def connections(self) -> int:
+        """Connections open through the proxy right now."""
+        return len(self._links)
+
     def cut(self) -> int:
         """Abort every open connection (the listener stays); returns how many were cut."""
         return self._call(self._cut())
@@ -76,6 +93,22 @@ class TcpProxy:
         Bytes dropped mid-stream leave open connections unusable: ``cut()`` them after turning this off.
         """
         self._blackholed = enabled
+
+    def slow(self, delay: float = 0.0) -> None:
+        """Deliver every byte ``delay`` seconds late, in each direction (0 turns it off).
+
+        This is latency, not a bandwidth limit: bytes keep their order and stream at full speed, each
+        arriving ``delay`` after it was sent, so a round trip takes ``2 * delay`` more.
+        """
+        if delay < 0:
+            raise ValueError(f"delay must be >= 0, not {delay}")
+        self._delay = delay
+
+    def via(self, url: str) -> str:
+        """``url`` with its host and port replaced by this proxy's; credentials, path and query are kept."""
+        parts = urlsplit(url)
+        credentials, at, _ = parts.netloc.rpartition("@")
+        return urlunsplit(parts._replace(netloc=f"{credentials}{at}127.0.0.1:{self.port}"))
 
     def stop(self) -> None:
         """Close the listener and every connection, then stop the thread."""
@@ -103,6 +136,7 @@ class TcpProxy:
 
     async def _cut(self) -> int:
         links = list(self._links)
+        self._links.clear()  # at once: ``connections`` counts only connections made after the cut
         for link in links:
             link.abort()
         await asyncio.sleep(0)
@@ -145,8 +179,26 @@ class TcpProxy:
             await asyncio.gather(*pumps, return_exceptions=True)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while data := await reader.read(65536):
-                if not self._blackholed:
-                    writer.write(data)
-                    await writer.drain()
+        # Reading and writing are apart so that a delay holds back each chunk without slowing the stream.
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+        async def forward() -> None:
+            while (chunk := await chunks.get()) is not None:
+                due, data = chunk
+                if due > loop.time():
+                    await asyncio.sleep(due - loop.time())
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.ensure_future(forward())
+        try:
+            with contextlib.suppress(ConnectionError, OSError):
+                while not sender.done() and (data := await reader.read(65536)):
+                    if not self._blackholed:
+                        chunks.put_nowait((loop.time() + self._delay, data))
+                chunks.put_nowait(None)  # end of stream: what is queued still goes out
+                await sender
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -45,29 +47,90 @@ def docker_available() -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway certificate authority and a server certificate it signed for 127.0.0.1 and localhost."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    """Write a CA and a server certificate for 127.0.0.1/localhost into ``directory``, with the openssl CLI.
+
+    EC P-256 keys (fast to make), valid two days, with the extensions strict verifiers ask for (key usage,
+    subject and authority key identifiers), so a client trusting only ``ca`` verifies the server fully.
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise RuntimeError("the openssl command is not on PATH")
+    directory.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(ca=directory / "ca.pem", cert=directory / "server.pem", key=directory / "server.key")
+    ca_key, request, extensions = directory / "ca.key", directory / "server.csr", directory / "server.ext"
+    extensions.write_text(
+        "basicConstraints = critical, CA:FALSE\n"
+        "keyUsage = critical, digitalSignature, keyAgreement\n"
+        "extendedKeyUsage = serverAuth\n"
+        "subjectAltName = IP:127.0.0.1, DNS:localhost\n"
+        "subjectKeyIdentifier = hash\n"
+        "authorityKeyIdentifier = keyid, issuer\n"
+    )
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    commands = [
+        [openssl, "req", "-x509", *new_key, "-keyout", ca_key, "-out", files.ca, "-days", "2",
+         "-subj", "/CN=mindtrace-jobs test CA",
+         "-addext", "basicConstraints = critical, CA:TRUE",
+         "-addext", "keyUsage = critical, keyCertSign, cRLSign",
+         "-addext", "subjectKeyIdentifier = hash"],
+        [openssl, "req", *new_key, "-keyout", files.key, "-out", request, "-subj", "/CN=localhost"],
+        [openssl, "x509", "-req", "-in", request, "-CA", files.ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", files.cert, "-days", "2", "-extfile", extensions],
+    ]  # fmt: skip
+    for command in commands:
+        subprocess.run([str(part) for part in command], check=True, capture_output=True, timeout=30)
+    return files
+
+
 @dataclass
 class RedisServer:
-    """A redis-server process of our own on a loopback port, in a temporary directory."""
+    """A redis-server process of our own on a loopback port, in a temporary directory.
+
+    With ``tls``, the server listens for TLS only (``rediss://``) on ``port``, without asking for client
+    certificates.
+    """
 
     port: int = field(default_factory=free_port)
     appendonly: bool = False
     appendfsync: str = "everysec"
     extra: tuple[str, ...] = ()
+    tls: TlsFiles | None = None
     directory: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mindtrace-redis-")))
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH")
+        if self.tls is None:
+            listen = ["--port", str(self.port)]
+        else:
+            listen = [
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls.cert),
+                "--tls-key-file", str(self.tls.key),
+                "--tls-ca-cert-file", str(self.tls.ca),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         args = [
             binary,
             "--bind", "127.0.0.1",
-            "--port", str(self.port),
+            *listen,
             "--dir", str(self.directory),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
@@ -95,7 +158,182 @@ class RedisServer:
         self.process.wait(10)
         self.process = None
 
+    def restart(self, kill: bool = False) -> None:
+        """Stop the server (SIGTERM, or SIGKILL with ``kill``) and start it again on the same port and data."""
+        self.stop(kill=kill)
+        self.start()
+
     def cleanup(self) -> None:
+        self.stop(kill=True)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def rabbitmq_server_command() -> str | None:
+    """The ``rabbitmq-server`` script that runs a node as the calling user, or None if RabbitMQ is not installed.
+
+    Debian's ``/usr/sbin/rabbitmq-server`` is a wrapper that switches to the ``rabbitmq`` user (or refuses to
+    run): use the script it wraps instead.
+    """
+    found = shutil.which("rabbitmq-server") or shutil.which("rabbitmq-server", path="/usr/sbin:/usr/local/sbin")
+    candidates = [Path("/usr/lib/rabbitmq/bin/rabbitmq-server")]
+    if found is not None:
+        resolved = Path(found).resolve()
+        wrapped = resolved.parent / "rabbitmq-server" if resolved.name == "rabbitmq-script-wrapper" else resolved
+        candidates.insert(0, wrapped)
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+@dataclass
+class RabbitMQNode:
+    """A RabbitMQ node of our own: its own node name, loopback ports, data directory and Erlang cookie.
+
+    Everything lives under a temporary directory: data (mnesia), logs, config, an empty enabled-plugins list
+    (no management plugin) and a HOME holding the node's own Erlang cookie, so neither the machine's node nor
+    the user's ``~/.erlang.cookie`` is touched. The node registers with the machine's epmd (starting one, bound
+    to 127.0.0.1, if none runs). ``stop()`` stops it gracefully (SIGTERM: the broker closes connections and
+    flushes) or kills it (SIGKILL); ``start()`` again recovers its durable queues and persistent messages.
+    With ``tls``, the node also listens for AMQPS on ``tls_port`` (no client certificate asked for). Starting
+    takes about 5 s (measured: 4.4-4.6 s on a 2-core machine, first start or restart alike).
+    """
+
+    port: int = field(default_factory=free_port)
+    dist_port: int = field(default_factory=free_port)
+    tls: TlsFiles | None = None
+    tls_port: int = field(default_factory=free_port)
+    name: str = field(default_factory=lambda: f"mtj-{secrets.token_hex(4)}@localhost")
+    directory: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mindtrace-rabbitmq-")))
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``amqp://`` URL of the node (guest may log in: the port is on loopback)."""
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def tls_url(self) -> str:
+        """``amqps://`` URL of the node's TLS listener (only with ``tls``)."""
+        return f"amqps://guest:guest@127.0.0.1:{self.tls_port}/"
+
+    def _write_files(self) -> dict[str, str]:
+        """Config, plugin list, cookie and environment of the node; returns the environment to start it with."""
+        home = self.directory / "home"
+        home.mkdir(exist_ok=True)
+        cookie = home / ".erlang.cookie"
+        if not cookie.exists():
+            cookie.write_text(secrets.token_hex(16))
+            cookie.chmod(0o400)  # Erlang refuses a cookie file others can read
+        config = [f"listeners.tcp.1 = 127.0.0.1:{self.port}"]
+        if self.tls is not None:
+            config += [
+                f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}",
+                f"ssl_options.cacertfile = {self.tls.ca}",
+                f"ssl_options.certfile = {self.tls.cert}",
+                f"ssl_options.keyfile = {self.tls.key}",
+                "ssl_options.verify = verify_none",
+                "ssl_options.fail_if_no_peer_cert = false",
+            ]
+        (self.directory / "rabbitmq.conf").write_text("\n".join(config) + "\n")
+        (self.directory / "enabled_plugins").write_text("[].\n")
+        (self.directory / "rabbitmq-env.conf").write_text("")  # not the machine's /etc/rabbitmq one
+        return {
+            **os.environ,
+            "HOME": str(home),
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_CONF_ENV_FILE": str(self.directory / "rabbitmq-env.conf"),
+            "RABBITMQ_CONFIG_FILE": str(self.directory / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.directory / "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.directory / "enabled_plugins"),
+            "RABBITMQ_PLUGINS_EXPAND_DIR": str(self.directory / "plugins-expand"),
+            "RABBITMQ_MNESIA_BASE": str(self.directory / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.directory / "log"),
+            "RABBITMQ_PID_FILE": str(self.directory / "node.pid"),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+
+    def start(self, timeout: float = 60.0) -> RabbitMQNode:
+        """Start the node and wait until it accepts AMQP (and AMQPS) connections."""
+        command = rabbitmq_server_command()
+        if command is None:
+            raise RuntimeError("rabbitmq-server is not installed")
+        env = self._write_files()
+        (self.directory / "node.pid").unlink(missing_ok=True)
+        with open(self.directory / "node.out", "ab") as output:
+            # A session of its own: a Ctrl-C meant for pytest does not reach the node, and stop() reaches it all.
+            self.process = subprocess.Popen(
+                [command],
+                cwd=self.directory,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        ports = [self.port] + ([self.tls_port] if self.tls is not None else [])
+        while not all(port_open("127.0.0.1", port, 0.2) for port in ports):
+            if self.process.poll() is not None:
+                self.process = None
+                raise RuntimeError(f"RabbitMQ node {self.name} exited while starting:\n{self.output_tail()}")
+            if time.monotonic() > deadline:
+                self.stop(kill=True)
+                raise RuntimeError(f"RabbitMQ node {self.name} did not start in {timeout:g}s:\n{self.output_tail()}")
+            time.sleep(0.05)
+        return self
+
+    def _beam_pid(self) -> int | None:
+        try:
+            return int((self.directory / "node.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self, kill: bool = False, timeout: float = 30.0) -> None:
+        """Stop the node: gracefully (SIGTERM), or SIGKILL with ``kill`` (a crash: only what is on disk stays)."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if not kill:
+            # The start script passes SIGTERM on to the Erlang VM, which stops the broker cleanly.
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                kill = True
+        if kill:
+            # The VM first, so that the start script (its parent) reaps it; then anything left in the session.
+            beam = self._beam_pid()
+            if beam is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(beam, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait(10)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while port_open("127.0.0.1", self.port, 0.2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def restart(self, kill: bool = False) -> None:
+        """Stop the node (gracefully, or SIGKILL with ``kill``) and start it again with the same data."""
+        self.stop(kill=kill)
+        self.start()
+
+    def output_tail(self, lines: int = 30) -> str:
+        """The last lines the node printed, for error messages."""
+        try:
+            return "\n".join((self.directory / "node.out").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no output)"
+
+    def cleanup(self) -> None:
+        """Kill the node and remove its directory."""
         self.stop(kill=True)
         shutil.rmtree(self.directory, ignore_errors=True)
 
