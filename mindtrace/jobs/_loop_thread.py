@@ -7,10 +7,11 @@ import atexit
 import concurrent.futures
 import os
 import queue
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from mindtrace.jobs.constants import EXIT_CLOSE_TIMEOUT
 from mindtrace.jobs.errors import ClosedError, ForkError, LoopThreadError
@@ -25,9 +26,9 @@ class _Closable(Protocol):
 class LoopThread:
     """One daemon thread running one asyncio loop; blocking callers submit coroutines to it.
 
-    Submitting is ``asyncio.run_coroutine_threadsafe`` (one hop each way), safe from any number of threads
-    and from inside another running event loop. Calling from the loop thread itself, after ``stop()`` or in
-    a forked child raises a clear error instead of hanging.
+    Submitting is one ``call_soon_threadsafe`` there and one lock release back (see :class:`_Call`), safe
+    from any number of threads and from inside another running event loop. Calling from the loop thread
+    itself, after ``stop()`` or in a forked child raises a clear error instead of hanging.
     """
 
     def __init__(self) -> None:
@@ -59,37 +60,33 @@ class LoopThread:
                 "use the async API (AsyncOrchestrator, AsyncConsumer) there"
             )
 
-    def run(self, coro: Coroutine[Any, Any, T], what: str) -> T:
-        """Run ``coro`` on the loop and block until it returns its result or raises."""
+    def _submit(self, coro: Coroutine[Any, Any, T], what: str) -> _Call[T]:
         try:
             self._check(what)
         except BaseException:
             coro.close()
             raise
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        call = _Call(coro)
+        try:
+            self.loop.call_soon_threadsafe(call.start, self.loop)
+        except BaseException:  # the loop is closed
+            coro.close()
+            raise
+        return call
+
+    def run(self, coro: Coroutine[Any, Any, T], what: str) -> T:
+        """Run ``coro`` on the loop and block until it returns its result or raises."""
+        return self._submit(coro, what).result()
 
     def run_interruptible(self, coro: Coroutine[Any, Any, T], what: str, grace: float) -> T:
         """Like ``run``; on KeyboardInterrupt, cancel the coroutine, wait up to ``grace`` s for it to clean up
         (give jobs back), then re-raise."""
+        call = self._submit(coro, what)
         try:
-            self._check(what)
-        except BaseException:
-            coro.close()
-            raise
-        done = threading.Event()
-
-        async def tracked() -> T:
-            try:
-                return await coro
-            finally:
-                done.set()
-
-        future = asyncio.run_coroutine_threadsafe(tracked(), self.loop)
-        try:
-            return future.result()
+            return call.result()
         except KeyboardInterrupt:
-            future.cancel()
-            done.wait(grace)
+            self.loop.call_soon_threadsafe(call.cancel)
+            call.wait(grace)
             raise
 
     def call_soon(self, callback: Callable[[], Any]) -> None:
@@ -119,6 +116,69 @@ class LoopThread:
         self._stopped = True
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(EXIT_CLOSE_TIMEOUT)
+
+
+class _Call(Generic[T]):
+    """One coroutine submitted from another thread: a task on the loop, and a lock its caller waits on.
+
+    Lighter than ``run_coroutine_threadsafe``, which chains the task to a ``concurrent.futures.Future`` (a
+    Condition, callbacks on both sides): here the task's done-callback releases a plain lock and the caller
+    reads the outcome from the finished task. On Python 3.12+ the task starts eagerly, so a coroutine that
+    never waits finishes within the loop's first callback.
+    """
+
+    __slots__ = ("_coro", "_done", "_error", "_task")
+
+    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
+        self._coro = coro
+        self._task: asyncio.Task[T] | None = None
+        self._error: BaseException | None = None
+        self._done = threading.Lock()
+        self._done.acquire()
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the loop thread: start the task."""
+        try:
+            task = _start_task(loop, self._coro)
+        except BaseException as exc:
+            self._error = exc
+            self._done.release()
+            return
+        self._task = task
+        if task.done():
+            self._done.release()
+        else:
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[T]) -> None:
+        self._done.release()
+
+    def cancel(self) -> None:
+        """On the loop thread: cancel the task (it then cleans up, and the caller's wait ends)."""
+        if self._task is not None:
+            self._task.cancel()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the task to end; whether it did."""
+        if self._done.acquire(timeout=timeout):
+            self._done.release()
+            return True
+        return False
+
+    def result(self) -> T:
+        """Block until the task ends; its result, or its exception raised here."""
+        self._done.acquire()
+        self._done.release()  # the outcome stays readable, e.g. for wait() after an interrupted result()
+        if self._error is not None:
+            raise self._error
+        assert self._task is not None
+        return self._task.result()
+
+
+def _start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    if sys.version_info >= (3, 12):
+        return asyncio.Task(coro, loop=loop, eager_start=True)
+    return loop.create_task(coro)
 
 
 class DaemonPool:
