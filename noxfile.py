@@ -34,8 +34,11 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks: python -m benchmarks, arguments passed through (e.g. -- --n 5000)."""
-    session.install("-e", ".[test]")
+    """Benchmarks with every peer installed: python -m benchmarks, arguments passed through (-- --n 3000).
+
+    Brokers as for the tests (MINDTRACE_JOBS_REDIS_URL, MINDTRACE_JOBS_AMQP_URL, or the local defaults).
+    """
+    session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks", *session.posargs)
 
 

@@ -29,6 +29,9 @@ class Report:
 
     rows: list[Row] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    targets: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
     def add(self, backend: str, scenario: str, who: str, value: float, unit: str, note: str = "") -> Row:
         row = Row(backend, scenario, who, value, unit, note)
@@ -42,18 +45,21 @@ class Report:
                 return row.value
         return None
 
-    def ratio(
-        self, backend: str, ours: str, base_scenario: str, base_who: str, *, lower_is_better: bool = False
-    ) -> str:
-        a = self.get(backend, ours, "ours")
-        b = self.get(backend, base_scenario, base_who)
-        if a is None or b is None or b == 0 or a == 0:
-            return "n/a"
-        return f"{(b / a) if lower_is_better else (a / b):.2f}x"
-
     def write_json(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"machine": self.machine, "rows": [asdict(r) for r in self.rows]}, indent=2))
+        document = {
+            "machine": self.machine,
+            "settings": self.settings,
+            "rows": [asdict(r) for r in self.rows],
+            "targets": self.targets,
+            "skipped": self.skipped,
+        }
+        path.write_text(json.dumps(document, indent=2))
+
+    def skip(self, backend: str, who: str, reason: str) -> None:
+        """Record (and print) a measurement that could not be made."""
+        self.skipped.append(f"{backend}: {who}: {reason}")
+        print(f"  {backend:<9} {who:<34} {'':<10} {'':>12} {reason}", flush=True)
 
 
 def _fmt(value: float) -> str:

@@ -6,9 +6,8 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
-from benchmarks.harness import Report, percentile, rate
+from benchmarks.harness import rate
 from mindtrace.jobs import AsyncConsumer, AsyncOrchestrator, Job, JobInput, JobSchema, Orchestrator, job_from_schema
 from mindtrace.jobs.backends.base import Backend
 
@@ -110,8 +109,13 @@ async def drain(factory: Callable[[], Backend], n: int, concurrency: int) -> flo
     return rate(n, elapsed)
 
 
-async def latency(factory: Callable[[], Backend], n: int) -> tuple[float, float]:
-    """p50 and p99 (ms) from publish to run start, one job at a time, consumer idle in between."""
+#: Pause before each latency sample, so the consumer is idle and blocked when the job arrives; warm-up jobs.
+LATENCY_GAP = 0.002
+LATENCY_WARMUP = 20
+
+
+async def latency(factory: Callable[[], Backend], n: int) -> list[float]:
+    """ms from publish to run start, one job at a time, the consumer idle in between (n samples)."""
     async with AsyncOrchestrator(factory()) as orch:
         queue = queue_name()
         await orch.declare_queue(queue)
@@ -125,34 +129,14 @@ async def latency(factory: Callable[[], Backend], n: int) -> tuple[float, float]
         consumer.connect(orch)
         task = asyncio.create_task(consumer.consume())
         samples: list[float] = []
-        jobs = make_jobs(n + 20)
-        for i, job in enumerate(jobs):
-            await asyncio.sleep(0.002)  # the consumer is idle and blocked when the job arrives
+        for i, job in enumerate(make_jobs(n + LATENCY_WARMUP)):
+            await asyncio.sleep(LATENCY_GAP)
             sent = time.perf_counter()
             await orch.publish(queue, job)
             ran = await asyncio.wait_for(started.get(), 10)
-            if i >= 20:  # warm-up
+            if i >= LATENCY_WARMUP:
                 samples.append((ran - sent) * 1000)
         consumer.stop()
         await task
         await orch.delete_queue(queue)
-    return percentile(samples, 50), percentile(samples, 99)
-
-
-async def measure_backend(report: Report, name: str, factory: Callable[[], Backend], n: int, lat_n: int) -> None:
-    """Every scenario of ours on one backend."""
-    report.add(name, "publish single (async)", "ours", await publish_async(factory, n), "jobs/s")
-    report.add(
-        name, "publish single (sync facade)", "ours", await asyncio.to_thread(publish_sync, factory, n), "jobs/s"
-    )
-    report.add(name, "publish_many (batch 500)", "ours", await publish_many(factory, n), "jobs/s")
-    for concurrency in (1, 16, 128):
-        report.add(name, f"drain c={concurrency}", "ours", await drain(factory, n, concurrency), "jobs/s")
-    p50, p99 = await latency(factory, lat_n)
-    report.add(name, "latency p50", "ours", p50, "ms")
-    report.add(name, "latency p99", "ours", p99, "ms")
-
-
-def run_in_loop(coro: Any) -> Any:
-    """Run a coroutine to completion on a fresh loop."""
-    return asyncio.run(coro)
+    return samples
