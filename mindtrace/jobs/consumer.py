@@ -204,7 +204,7 @@ class AsyncConsumer(abc.ABC):
                 logger.warning("dead-lettering job %s after %d lost runs", job.id, job.attempts)
                 await self._settle(backend.dead_letter(delivery, outgoing(job)), delivery)
             else:
-                await self._retry(delivery, job, 0.0)
+                await self._retry(delivery, job, 0.0, resumes=True)
             return
         if job.attempts + delivery.delivery_count - 1 > self.max_retries:
             # Failed runs plus runs that never settled are over the budget: its runs kill or stall the
@@ -250,11 +250,11 @@ class AsyncConsumer(abc.ABC):
             logger.warning("job %s failed %d times, dead-lettering: %s", job.id, job.attempts, job.error)
             await self._settle(backend.dead_letter(delivery, outgoing(job)), delivery)
 
-    async def _retry(self, delivery: Delivery, job: Job, delay: float) -> None:
+    async def _retry(self, delivery: Delivery, job: Job, delay: float, *, resumes: bool = False) -> None:
         """Retry ``job`` after ``delay`` s, or dead-letter it when its recorded error took it over the size limit."""
         backend = self.orchestrator.backend
         try:
-            await self._settle(backend.retry(delivery, outgoing(job), delay), delivery)
+            await self._settle(backend.retry(delivery, outgoing(job, resumes=resumes), delay), delivery)
         except PayloadTooLargeError as exc:
             # Refused before anything was settled; the dead-letter queue takes it whatever its size.
             job.error = f"{job.error} (not retried: {exc})"

@@ -26,9 +26,9 @@ from mindtrace.jobs.wire import SchemaTypes, decode, encode, undecodable_job
 logger = logging.getLogger("mindtrace.jobs")
 
 
-def outgoing(job: Job) -> OutgoingMessage:
-    """The encoded form of ``job``, ready for a backend."""
-    return OutgoingMessage(encode(job), job.priority, job.id)
+def outgoing(job: Job, *, resumes: bool = False) -> OutgoingMessage:
+    """The encoded form of ``job``, ready for a backend (``resumes``: see OutgoingMessage)."""
+    return OutgoingMessage(encode(job), job.priority, job.id, resumes)
 
 
 class AsyncOrchestrator:

@@ -61,11 +61,16 @@ class QueueOptions:
 
 @dataclass(frozen=True)
 class OutgoingMessage:
-    """One encoded job ready to publish: its bytes, priority and id (for errors and bookkeeping)."""
+    """One encoded job ready to publish: its bytes, priority and id (for errors and bookkeeping).
+
+    ``resumes``: the message stands for a run that was cut short (a job given back, a lost run recorded), so a
+    broker that re-publishes it should put it ahead of the jobs waiting at its priority, back where it was.
+    """
 
     body: bytes
     priority: int
     job_id: str
+    resumes: bool = False
 
 
 @dataclass(eq=False)

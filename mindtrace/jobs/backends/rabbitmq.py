@@ -146,6 +146,22 @@ def _on_open_channel(message: AbstractIncomingMessage) -> bool:
         return False
 
 
+#: Broker priorities: job priority p is published as 2p, or 2p + 1 when the message resumes a cut-short run
+#: (a job given back, a lost run recorded), so it goes ahead of the jobs waiting at its priority and behind
+#: every job of a higher one, as on Redis. Queues are declared with this ``x-max-priority``.
+BROKER_MAX_PRIORITY: Final = 2 * MAX_PRIORITY + 1
+
+
+def broker_priority(priority: int, *, resumes: bool = False) -> int:
+    """The AMQP priority a job of ``priority`` is published with (see BROKER_MAX_PRIORITY)."""
+    return 2 * priority + (1 if resumes else 0)
+
+
+def job_priority(broker: int | None) -> int:
+    """The job priority of a message the broker delivered with AMQP priority ``broker`` (foreign: clamped)."""
+    return min(MAX_PRIORITY, max(0, (broker or 0) // 2))
+
+
 def _delivery_count(message: AbstractIncomingMessage) -> int:
     # Quorum queues count earlier deliveries in x-delivery-count; classic queues only flag a redelivery.
     count = (message.headers or {}).get("x-delivery-count")
@@ -319,7 +335,7 @@ class _RabbitMQReceiver(Receiver):
         delivery = _Claim(
             self._queue,
             message.body,
-            message.priority or 0,
+            job_priority(message.priority),
             handle=message,
             delivery_count=_delivery_count(message),
             receiver=self,
@@ -382,9 +398,10 @@ class RabbitMQClient(Backend):
     """RabbitMQ backend: durable priority queues, persistent messages, publisher confirms, manual acks.
 
     Jobs are published to the durable direct exchange ``mindtrace.jobs`` with the queue name as routing key;
-    each queue is declared durable (by default) with ``x-max-priority=9`` and bound under its own name, so
-    priority order holds and a publish to an undeclared queue comes back as QueueNotFoundError. ``publish``
-    returns only once the broker confirmed the message; a missing confirm raises PublishError.
+    each queue is declared durable (by default) with ``x-max-priority=19`` (see BROKER_MAX_PRIORITY) and
+    bound under its own name, so priority order holds and a publish to an undeclared queue comes back as
+    QueueNotFoundError. ``publish`` returns only once the broker confirmed the message; a missing confirm
+    raises PublishError.
 
     A claimed message is held until settled; if its consumer or connection dies the broker delivers it again
     (no lease timeout). Retries wait in per-delay queues ``<queue>:retry:<ms>`` that hand the job back when
@@ -668,16 +685,25 @@ class RabbitMQClient(Backend):
     # -- publishing ----------------------------------------------------------------------------------
 
     async def _send(
-        self, exchange: str, routing_key: str, queue: str, message: OutgoingMessage, *, expiration_ms: int = 0
+        self,
+        exchange: str,
+        routing_key: str,
+        queue: str,
+        message: OutgoingMessage,
+        *,
+        expiration_ms: int = 0,
     ) -> None:
         """Publish one persistent message (mandatory) and wait for the broker's confirm.
+
+        A message that ``resumes`` a cut-short run goes ahead of the jobs waiting at its priority, as it
+        would on Redis (see :func:`broker_priority`).
 
         ``queue`` is the queue the caller means, for errors. A message nothing was sent of is sent again
         once on a fresh channel (after a reconnect); one that was sent is never sent twice.
         """
         properties = spec.Basic.Properties(
             delivery_mode=2,
-            priority=message.priority,
+            priority=broker_priority(message.priority, resumes=message.resumes),
             expiration=str(expiration_ms) if expiration_ms else None,
         )
         for attempt in (1, 2):
@@ -738,7 +764,10 @@ class RabbitMQClient(Backend):
             async with self._ops_channel() as channel:
                 try:
                     declared = await channel.declare_queue(
-                        queue, durable=options.durable, arguments={"x-max-priority": MAX_PRIORITY}, timeout=timeout
+                        queue,
+                        durable=options.durable,
+                        arguments={"x-max-priority": BROKER_MAX_PRIORITY},
+                        timeout=timeout,
                     )
                 except ChannelPreconditionFailed as exc:
                     raise QueueConflictError(
@@ -856,12 +885,12 @@ class RabbitMQClient(Backend):
 
         A nack would set the redelivered flag, which the consumer must read as a lost run. Giving a job back
         (a stop, a cancelled task, a prefetched message never handed out) is not one: publish the same bytes
-        again, confirmed, and ack the original. The job rejoins the back of its priority band. If the publish
-        fails, nack instead: the redelivery is then charged one attempt, but the job is never lost.
+        again, confirmed, and ack the original. The job goes ahead of the jobs waiting at its priority. If the
+        publish fails, nack instead: the redelivery is then charged one attempt, but the job is never lost.
         """
         if not _on_open_channel(message):
             return  # its channel closed: the broker has it back already (a copy would be a duplicate)
-        copy = OutgoingMessage(body=message.body, priority=message.priority or 0, job_id=message.message_id or "")
+        copy = OutgoingMessage(message.body, job_priority(message.priority), message.message_id or "", resumes=True)
         try:
             await self._send(EXCHANGE, queue, queue, copy)
         except Exception:

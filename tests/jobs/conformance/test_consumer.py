@@ -328,3 +328,28 @@ async def test_stopping_a_busy_consumer_never_charges_or_dead_letters_a_job(api:
     assert sorted([j.id for j in rest] + first_run) == sorted(j.id for j in jobs)
     assert all(j.attempts == 0 and j.error is None for j in rest)
     assert await api.count_queue_messages(queue + ".dlq") == 0
+
+
+async def test_a_job_given_back_goes_ahead_of_the_jobs_waiting_at_its_priority(async_api: Api, queue: str) -> None:
+    api = async_api
+    schema = image_schema(queue)
+    await api.register(schema)
+    first, *others = [make_job(schema, i, priority=3) for i in range(4)]
+    urgent = make_job(schema, 9, priority=7)
+    await api.publish(queue, first)
+    started = asyncio.Event()
+
+    async def handler(job: Job) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(api.consumer(queue, handler).consume())
+    await asyncio.wait_for(started.wait(), 10)
+    for job in [*others, urgent]:
+        await api.publish(queue, job)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    order = [(await api.receive_message(queue, timeout=10)) for _ in range(5)]
+    assert [j.id for j in order if j is not None] == [urgent.id, first.id, *(j.id for j in others)]
+    assert order[1] is not None and order[1].attempts == 0
