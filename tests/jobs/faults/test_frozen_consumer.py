@@ -49,7 +49,8 @@ async def test_late_ack_of_a_frozen_consumer_does_not_remove_the_job(
         await _wait_for(ledger, lambda a: a.started[job.id] == 1, 10, "the first start")
         frozen.send_signal(signal.SIGSTOP)
         await asyncio.sleep(TEST_VISIBILITY + 0.5)  # its lease expires while it is frozen
-        second = workers.start(*run)
+        # The rightful holder's run outlasts the frozen one's remainder, so it still holds the job when killed.
+        second = workers.start("--concurrency", "1", "--job-seconds", "30")
         accounts = await _wait_for(ledger, lambda a: a.started[job.id] == 2, 10, "the takeover")
         assert second.pid in {p for e, j, p, _ in accounts.events if e == "started"}
         frozen.send_signal(signal.SIGCONT)
@@ -58,6 +59,7 @@ async def test_late_ack_of_a_frozen_consumer_does_not_remove_the_job(
             ledger, lambda a: any(e == "done" and p == frozen.pid for e, _, p, _ in a.events), 10, "the late run"
         )
         await asyncio.sleep(0.5)
+        assert not any(e == "done" and p == second.pid for e, _, p, _ in ledger.read().events)
         # If the late ack had removed the job, killing the rightful holder now would lose it.
         second.send_signal(signal.SIGKILL)
         second.wait()
