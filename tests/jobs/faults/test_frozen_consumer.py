@@ -60,6 +60,9 @@ async def test_late_ack_of_a_frozen_consumer_does_not_remove_the_job(
         )
         await asyncio.sleep(0.5)
         assert not any(e == "done" and p == second.pid for e, _, p, _ in ledger.read().events)
+        # The frozen consumer leaves, so the job's next run (after the holder dies) can only be the third's.
+        frozen.terminate()
+        await asyncio.to_thread(frozen.wait, 10)
         # If the late ack had removed the job, killing the rightful holder now would lose it.
         second.send_signal(signal.SIGKILL)
         second.wait()
