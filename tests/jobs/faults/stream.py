@@ -11,6 +11,7 @@ from collections import Counter
 from mindtrace.jobs import AsyncConsumer, AsyncOrchestrator, BackendUnavailableError, Job, JobSchema, PublishError
 from mindtrace.jobs.constants import DLQ_SUFFIX
 from tests.jobs.conformance.models import make_job
+from tests.jobs.faults.conftest import Workers
 from tests.jobs.support.ledger import Accounts, Ledger
 
 #: The errors a publish may raise while its broker is cut off, restarting or stalled: the job may or may not
@@ -157,6 +158,20 @@ async def dead_letters(orchestrator: AsyncOrchestrator, queue: str) -> list[str]
     while (job := await orchestrator.receive_message(queue + DLQ_SUFFIX)) is not None:
         found.append(f"{job.id} attempts={job.attempts} error={job.error}")
     return found
+
+
+async def drain_and_check(
+    orchestrator: AsyncOrchestrator, queue: str, ledger: Ledger, workers: Workers, jobs: int
+) -> tuple[Accounts, list[bool]]:
+    """After a scenario's faults: wait for every published job to be done, stop the consumers, assert that
+    nothing was dead-lettered and delete the queue. Returns the accounts and which consumers were alive."""
+    accounts = await wait_until_done(ledger, timeout=max(20.0, jobs / 50))
+    alive = [proc.poll() is None for proc in workers.processes]
+    workers.stop_all()
+    dead = await dead_letters(orchestrator, queue)
+    assert not dead, f"{len(dead)} job(s) dead-lettered: {dead[:5]}"
+    await orchestrator.delete_queue(queue)
+    return accounts, alive
 
 
 def pending_at(accounts: Accounts, moment: float) -> set[str]:

@@ -26,11 +26,11 @@ from tests.jobs.faults.stream import (
     Publishers,
     RunCounter,
     dead_letters,
+    drain_and_check,
     duplicates_by_fault,
     first_after,
     pending_at,
     wait_for_event,
-    wait_until_done,
 )
 from tests.jobs.support import servers
 from tests.jobs.support.ledger import Ledger
@@ -129,12 +129,7 @@ async def test_jobs_whose_publish_returned_survive_broker_restarts(
             finally:
                 publishing.cancel()
                 await asyncio.gather(publishing, return_exceptions=True)
-            accounts = await wait_until_done(ledger, timeout=max(20.0, SOAK_JOBS / 50))
-            alive = [proc.poll() is None for proc in workers.processes]
-            workers.stop_all()
-            dead = await dead_letters(orchestrator, queue)
-            assert not dead, f"{len(dead)} job(s) dead-lettered: {dead[:5]}"
-            await orchestrator.delete_queue(queue)
+            accounts, alive = await drain_and_check(orchestrator, queue, ledger, workers, SOAK_JOBS)
     finally:
         workers.stop_all()
         ledger.close()

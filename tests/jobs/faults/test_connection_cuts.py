@@ -25,12 +25,11 @@ from tests.jobs.faults.stream import (
     FAULT_ERRORS,
     Publishers,
     RunCounter,
-    dead_letters,
+    drain_and_check,
     duplicates_by_fault,
     first_after,
     publish_until_returned,
     wait_for_event,
-    wait_until_done,
     wait_until_run,
 )
 from tests.jobs.support import servers
@@ -106,12 +105,7 @@ async def test_cut_connections_lose_no_published_job(
             finally:
                 publishing.cancel()
                 await asyncio.gather(publishing, return_exceptions=True)
-            accounts = await wait_until_done(ledger, timeout=max(20.0, SOAK_JOBS / 50))
-            alive = [proc.poll() is None for proc in workers.processes]
-            workers.stop_all()
-            dead = await dead_letters(orchestrator, queue)
-            assert not dead, f"{len(dead)} job(s) dead-lettered: {dead[:5]}"
-            await orchestrator.delete_queue(queue)
+            accounts, alive = await drain_and_check(orchestrator, queue, ledger, workers, SOAK_JOBS)
     finally:
         workers.stop_all()
         ledger.close()
