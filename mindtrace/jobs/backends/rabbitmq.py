@@ -275,16 +275,20 @@ class _RabbitMQReceiver(Receiver):
             subscribing = self._subscribing
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
-            waits: set[asyncio.Future[Any]] = {waiter} if subscribing is None else {waiter, subscribing}
             try:
-                await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                if remaining is None and subscribing is None:
+                    # The common wait (subscribed, no deadline): the waiter alone, with no asyncio.wait around it.
+                    await waiter
+                else:
+                    waits: set[asyncio.Future[Any]] = {waiter} if subscribing is None else {waiter, subscribing}
+                    await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             except BaseException:
-                if waiter.done() and self._buffer:
+                if waiter.done() and not waiter.cancelled() and self._buffer:
                     # Woken for a message this call will not take (it is cancelled): pass the wake-up on.
                     self._wake_one()
                 raise
             finally:
-                if not waiter.done():
+                if not waiter.done() or waiter.cancelled():
                     waiter.cancel()
                     with contextlib.suppress(ValueError):
                         self._waiters.remove(waiter)
@@ -342,10 +346,6 @@ class _RabbitMQReceiver(Receiver):
         )
         self._held.add(delivery)
         return delivery
-
-    async def _settled(self, delivery: Delivery) -> None:
-        self._held.discard(delivery)
-        await self._discard_if_idle()
 
     async def _discard_if_idle(self) -> None:
         # A closed receiver keeps its channel while it holds messages: acks must go out on that channel.
@@ -858,7 +858,9 @@ class RabbitMQClient(Backend):
     async def _settled(self, delivery: Delivery) -> None:
         receiver = delivery.receiver if isinstance(delivery, _Claim) else None
         if receiver is not None:
-            await receiver._settled(delivery)
+            receiver._held.discard(delivery)
+            if receiver._closed:  # only a closed receiver has anything to do (see _discard_if_idle)
+                await receiver._discard_if_idle()
 
     def _check_held(self, delivery: Delivery) -> None:
         if not _on_open_channel(self._message(delivery)):
@@ -867,8 +869,14 @@ class RabbitMQClient(Backend):
     async def _ack(self, delivery: Delivery) -> None:
         try:
             self._check_held(delivery)
-            with self._boundary():
-                await self._timed(self._message(delivery).ack())
+            # No operation_timeout here: basic.ack has no answer from the broker. aio-pika's ack() only waits
+            # for the connection's writer to hand the frame to the socket; a socket that stops draining is a
+            # dead connection, which the heartbeat closes, failing the ack (as a lost connection) with it.
+            try:
+                await self._message(delivery).ack()
+            except Exception:
+                with self._boundary():  # translated only on failure: no context manager per ack
+                    raise
         finally:
             await self._settled(delivery)
 
