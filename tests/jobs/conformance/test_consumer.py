@@ -265,12 +265,9 @@ async def test_idle_consumer_stops_when_asked(api: Api, queue: str) -> None:
     assert await asyncio.wait_for(task, 10) == 0
 
 
-async def test_cancelling_consume_gives_the_running_job_back(async_api: Api, queue: str) -> None:
-    api = async_api
-    schema = image_schema(queue)
-    await api.register(schema)
-    job = make_job(schema, 1)
-    await api.publish(queue, job)
+async def _cancel_consume_mid_job(api: Api, queue: str, running: Job, published_meanwhile: list[Job]) -> None:
+    """Publish ``running``, let a consumer start it, publish ``published_meanwhile``, then cancel consume()."""
+    await api.publish(queue, running)
     started = asyncio.Event()
 
     async def handler(job: Job) -> None:
@@ -279,9 +276,19 @@ async def test_cancelling_consume_gives_the_running_job_back(async_api: Api, que
 
     task = asyncio.create_task(api.consumer(queue, handler).consume())
     await asyncio.wait_for(started.wait(), 10)
+    for job in published_meanwhile:
+        await api.publish(queue, job)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_cancelling_consume_gives_the_running_job_back(async_api: Api, queue: str) -> None:
+    api = async_api
+    schema = image_schema(queue)
+    await api.register(schema)
+    job = make_job(schema, 1)
+    await _cancel_consume_mid_job(api, queue, job, [])
     back = await api.receive_message(queue, timeout=10)
     assert back is not None and back.id == job.id
     assert back.attempts == 0
@@ -336,20 +343,7 @@ async def test_a_job_given_back_goes_ahead_of_the_jobs_waiting_at_its_priority(a
     await api.register(schema)
     first, *others = [make_job(schema, i, priority=3) for i in range(4)]
     urgent = make_job(schema, 9, priority=7)
-    await api.publish(queue, first)
-    started = asyncio.Event()
-
-    async def handler(job: Job) -> None:
-        started.set()
-        await asyncio.sleep(3600)
-
-    task = asyncio.create_task(api.consumer(queue, handler).consume())
-    await asyncio.wait_for(started.wait(), 10)
-    for job in [*others, urgent]:
-        await api.publish(queue, job)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await _cancel_consume_mid_job(api, queue, first, [*others, urgent])
     order = [(await api.receive_message(queue, timeout=10)) for _ in range(5)]
     assert [j.id for j in order if j is not None] == [urgent.id, first.id, *(j.id for j in others)]
     assert order[1] is not None and order[1].attempts == 0

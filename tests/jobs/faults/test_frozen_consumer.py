@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mindtrace.jobs import AsyncOrchestrator, from_url
+from mindtrace.jobs import AsyncOrchestrator, Job, from_url
 from tests.jobs.conformance.models import image_schema, make_job
 from tests.jobs.faults.conftest import TEST_VISIBILITY, Workers
 from tests.jobs.support.ledger import Accounts, Ledger
@@ -25,6 +25,16 @@ async def _wait_for(ledger: Ledger, check: object, timeout: float, what: str) ->
         await asyncio.sleep(0.05)
 
 
+async def _publish_one(orchestrator: AsyncOrchestrator, queue: str, ledger: Ledger) -> Job:
+    """Register the test schema on ``queue``, publish one job and record it in the ledger."""
+    schema = image_schema(queue)
+    await orchestrator.register(schema)
+    job = make_job(schema, 1)
+    await orchestrator.publish(queue, job)
+    ledger.record("published", job.id)
+    return job
+
+
 @pytest.fixture
 def redis_workers(redis_url: str, queue: str, tmp_path: Path) -> Workers:
     pool = Workers(redis_url, queue, tmp_path / "ledger")
@@ -38,11 +48,7 @@ async def test_late_ack_of_a_frozen_consumer_does_not_remove_the_job(
     workers = redis_workers
     ledger = Ledger(workers.ledger)
     async with AsyncOrchestrator(from_url(redis_url)) as orchestrator:
-        schema = image_schema(queue)
-        await orchestrator.register(schema)
-        job = make_job(schema, 1)
-        await orchestrator.publish(queue, job)
-        ledger.record("published", job.id)
+        job = await _publish_one(orchestrator, queue, ledger)
         run = ("--concurrency", "1", "--job-seconds", "3")
 
         frozen = workers.start(*run)
@@ -83,11 +89,7 @@ async def test_a_slow_job_keeps_its_lease_while_its_consumer_lives(
     workers = redis_workers
     ledger = Ledger(workers.ledger)
     async with AsyncOrchestrator(from_url(redis_url)) as orchestrator:
-        schema = image_schema(queue)
-        await orchestrator.register(schema)
-        job = make_job(schema, 1)
-        await orchestrator.publish(queue, job)
-        ledger.record("published", job.id)
+        job = await _publish_one(orchestrator, queue, ledger)
         run = ("--concurrency", "1", "--job-seconds", str(TEST_VISIBILITY * 4))
         workers.start(*run)
         workers.start(*run)
