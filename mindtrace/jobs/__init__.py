@@ -11,6 +11,7 @@ from mindtrace.jobs.backends.local import LocalClient
 from mindtrace.jobs.consumer import AsyncConsumer
 from mindtrace.jobs.errors import (
     BackendError,
+    BackendRefusedError,
     BackendUnavailableError,
     ClosedError,
     ConfigurationError,
@@ -53,6 +54,7 @@ __all__ = [
     "AsyncOrchestrator",
     "Backend",
     "BackendError",
+    "BackendRefusedError",
     "BackendUnavailableError",
     "ClosedError",
     "ConfigurationError",

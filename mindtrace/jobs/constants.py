@@ -51,6 +51,11 @@ AMQP_HEARTBEAT: Final = 30
 #: Seconds between reconnect attempts of the robust RabbitMQ connection.
 AMQP_RECONNECT_INTERVAL: Final = 1.0
 
+#: Seconds within which "the broker cannot be reached" is decided on every backend: a connect that has not
+#: succeeded by then (unreachable host, blackholed SYNs, a server that accepts TCP and never answers) raises
+#: BackendUnavailableError saying what was tried and for how long.
+CONNECT_TIMEOUT: Final = 10.0
+
 #: Seconds to wait for a broker's answer to one operation (connect, confirm, RPC).
 OPERATION_TIMEOUT: Final = 10.0
 

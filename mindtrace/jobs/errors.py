@@ -13,7 +13,8 @@ The tree::
     │   ├── QueueNotFoundError      the queue was never declared                       (also LookupError)
     │   └── QueueConflictError      declared again with different options
     ├── BackendError                the broker failed an operation
-    │   ├── BackendUnavailableError cannot reach host:port (also ConnectionError)
+    │   ├── BackendUnavailableError cannot reach host:port (also ConnectionError); retryable
+    │   ├── BackendRefusedError     the broker answered and refused: credentials, vhost, permissions; fatal
     │   ├── PublishError            the broker did not confirm a publish; the job may not be queued
     │   └── LeaseLostError          ack/retry of a job this consumer no longer holds (lease expired, connection closed)
     └── UsageError                  the API was used where it cannot work
@@ -126,6 +127,19 @@ class BackendUnavailableError(BackendError, ConnectionError):
         super().__init__(f"{message} ({host}:{port})", backend=backend)
         self.host = host
         self.port = port
+
+
+class BackendRefusedError(BackendError):
+    """The broker answered and refused us: bad credentials, an unknown vhost or database, missing permissions.
+
+    Not retryable: retrying with the same settings is refused again. ``refused`` names what was refused
+    (``"credentials"``, ``"vhost"``, ``"permissions"``, ...) and ``reason`` is the broker's own words.
+    """
+
+    def __init__(self, message: str, *, refused: str, reason: str = "", backend: str | None = None) -> None:
+        super().__init__(message, backend=backend)
+        self.refused = refused
+        self.reason = reason
 
 
 class PublishError(BackendError):

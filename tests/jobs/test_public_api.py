@@ -10,7 +10,8 @@ import mindtrace.jobs as jobs
 from mindtrace.jobs import QUEUE_MAPPING, JobType
 
 EXPECTED = {
-    "QUEUE_MAPPING", "AsyncConsumer", "AsyncOrchestrator", "Backend", "BackendError", "BackendUnavailableError",
+    "QUEUE_MAPPING", "AsyncConsumer", "AsyncOrchestrator", "Backend", "BackendError", "BackendRefusedError",
+    "BackendUnavailableError",
     "ClosedError", "ConfigurationError", "Consumer", "DecodeError", "ForkError", "InvalidQueueNameError", "Job",
     "JobInput", "JobOutput", "JobSchema", "JobType", "JobValidationError", "JobsError", "LeaseLostError",
     "LocalClient", "LoopThreadError", "MissingDependencyError", "Orchestrator", "PayloadTooLargeError",
