@@ -167,3 +167,13 @@ def undecodable_job(error: DecodeError) -> Job:
     if error.job_id:
         job.id = error.job_id
     return job
+
+
+def peek_job_id(raw: bytes) -> str | None:
+    """The ``id`` of an encoded job without validating the rest, for messages about it; None if it has none."""
+    try:
+        value = from_json(raw)
+    except ValueError:
+        return None
+    job_id = value.get("id") if isinstance(value, dict) else None
+    return job_id if isinstance(job_id, str) else None

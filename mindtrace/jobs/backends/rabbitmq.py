@@ -26,18 +26,18 @@ from aiormq import spec
 from aiormq.exceptions import (
     AMQPConnectionError,
     AMQPError,
-    AuthenticationError,
     ChannelInvalidStateError,
     ChannelNotFoundEntity,
     ChannelPreconditionFailed,
-    ProbableAuthenticationError,
 )
 
+from mindtrace.jobs.backends import rabbitmq_conditions as conditions
 from mindtrace.jobs.backends.base import Backend, Delivery, OutgoingMessage, QueueOptions, Receiver
 from mindtrace.jobs.constants import (
     AMQP_EXCHANGE,
     AMQP_HEARTBEAT,
     AMQP_RECONNECT_INTERVAL,
+    CONNECT_TIMEOUT,
     MAX_PAYLOAD_BYTES,
     MAX_PRIORITY,
     OPERATION_TIMEOUT,
@@ -81,8 +81,9 @@ _NO_ROUTE: Final = 312
 # Driver errors that mean the broker could not be reached or the connection went away under an operation.
 _CONNECTION_ERRORS: Final = (AMQPConnectionError, OSError, asyncio.TimeoutError, ChannelInvalidStateError)
 
-#: Query options ``from_url`` takes: ``heartbeat`` (an int) anywhere, ``ssl_ca_certs`` (a path) with amqps:// only.
-_URL_OPTIONS: Final = ("heartbeat", "ssl_ca_certs")
+#: Query options ``from_url`` takes: ``heartbeat`` (an int) and ``connect_timeout`` (seconds) anywhere,
+#: ``ssl_ca_certs`` (a path) with amqps:// only.
+_URL_OPTIONS: Final = ("heartbeat", "connect_timeout", "ssl_ca_certs")
 
 
 def _lost_connection(error: BaseException) -> bool:
@@ -132,10 +133,20 @@ class _Secret:
 
 
 @dataclass(eq=False)
+class _Lane:
+    """One channel of a receiver, with QoS 1: the broker closing it (``consumer_timeout``) takes back one job."""
+
+    channel: AbstractChannel | None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    consumer_tag: str | None = None
+
+
+@dataclass(eq=False)
 class _Claim(Delivery):
-    """A Delivery whose ``handle`` is the aio-pika message, remembering the receiver that holds it."""
+    """A Delivery whose ``handle`` is the aio-pika message, remembering the receiver (and lane) that holds it."""
 
     receiver: _RabbitMQReceiver | None = field(default=None, repr=False)
+    lane: _Lane | None = field(default=None, repr=False)
 
 
 def _on_open_channel(message: AbstractIncomingMessage) -> bool:
@@ -162,6 +173,11 @@ def job_priority(broker: int | None) -> int:
     return min(MAX_PRIORITY, max(0, (broker or 0) // 2))
 
 
+def _job_id(message: AbstractIncomingMessage) -> str | None:
+    """The id of the job a delivered message carries, for errors and logs."""
+    return conditions.message_job_id(message.message_id, message.body)
+
+
 def _delivery_count(message: AbstractIncomingMessage) -> int:
     # Quorum queues count earlier deliveries in x-delivery-count; classic queues only flag a redelivery.
     count = (message.headers or {}).get("x-delivery-count")
@@ -171,26 +187,29 @@ def _delivery_count(message: AbstractIncomingMessage) -> int:
 
 
 class _RabbitMQReceiver(Receiver):
-    """Claims from one queue on a channel of its own, with QoS ``prefetch``.
+    """Claims from one queue on ``prefetch`` channels of its own ("lanes"), each with QoS 1.
 
-    A receiver with ``prefetch`` 1 answers ``get`` with basic.get (a true "take one now", in queue order)
-    until a ``get`` finds the queue empty and waits: that starts push delivery (basic.consume). With a larger
-    ``prefetch`` (a consumer running jobs concurrently) push delivery starts at the first ``get``. In push
-    mode, ``get`` takes what the broker pushed, so ``get(0)`` returns None until the first messages arrive.
-    When the channel or the consumer is lost (connection drop, queue deleted), the next ``get`` subscribes
-    again; messages pushed on the lost channel are dropped, since the broker gives them to someone else.
-    Messages pushed but never handed out are given back at ``close()`` by re-publishing (see ``_return``).
+    One lane per job that may run at once: when a delivery stays unacked longer than the broker's
+    ``consumer_timeout``, the broker closes its channel and requeues what that channel held, which is then
+    that one job only, never the jobs running next to it (logged as an error naming consumer_timeout, the
+    queue and the job; its late ack raises LeaseLostError). A receiver with ``prefetch`` 1 answers ``get``
+    with basic.get (a true "take one now", in queue order) until a ``get`` finds the queue empty and waits:
+    that starts push delivery (basic.consume on every lane). With a larger ``prefetch`` (a consumer running
+    jobs concurrently) push delivery starts at the first ``get``. In push mode, ``get`` takes what the broker
+    pushed, so ``get(0)`` returns None until the first messages arrive. When a lane's channel or consumer is
+    lost (connection drop, queue deleted, consumer_timeout), the next ``get`` subscribes it again; messages
+    pushed on the lost channel are dropped, since the broker gives them to someone else. Messages pushed but
+    never handed out are given back at ``close()`` by re-publishing (see ``_return``).
     """
 
     def __init__(self, client: RabbitMQClient, queue: str, prefetch: int, channel: AbstractChannel) -> None:
         self._client = client
         self._queue = queue
         self._prefetch = prefetch
-        self._channel = channel
-        self._channel_lock = asyncio.Lock()
-        self._consumer_tag: str | None = None
+        # Lane 0's channel is open from the start (basic.get uses it); the others open when push delivery starts.
+        self._lanes = [_Lane(channel)] + [_Lane(None) for _ in range(prefetch - 1)]
         self._push = False
-        self._buffer: deque[AbstractIncomingMessage] = deque()
+        self._buffer: deque[tuple[_Lane, AbstractIncomingMessage]] = deque()
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._subscribing: asyncio.Task[None] | None = None
         self._held: set[Delivery] = set()
@@ -210,27 +229,33 @@ class _RabbitMQReceiver(Receiver):
                 return
 
     def _wake(self) -> None:
-        """Wake every waiting get(): the receiver's state changed (subscribed, lost its channel, closed)."""
+        """Wake every waiting get(): the receiver's state changed (subscribed, lost a channel, closed)."""
         waiters, self._waiters = self._waiters, deque()
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
 
     def _on_channel_closed(self, channel: Any, exc: BaseException | None = None) -> None:
-        if channel is not self._channel:
+        lane = next((lane for lane in self._lanes if lane.channel is channel), None)
+        if lane is None:
             return
+        lost = [delivery for delivery in self._held if isinstance(delivery, _Claim) and delivery.lane is lane]
+        if conditions.is_consumer_timeout(exc):
+            assert exc is not None
+            conditions.log_consumer_timeout(self._queue, [_job_id(self._client._message(d)) for d in lost], exc)
         # Everything pushed or held on this channel went back to the queue with it.
-        self._consumer_tag = None
-        self._buffer.clear()
-        self._held.clear()
+        lane.consumer_tag = None
+        self._buffer = deque(entry for entry in self._buffer if entry[0] is not lane)
+        self._held.difference_update(lost)
         self._wake()
 
     def _on_consumer_cancelled(self, frame: spec.Basic.Cancel) -> None:
-        if frame.consumer_tag is not None and frame.consumer_tag == self._consumer_tag:
-            self._consumer_tag = None
-            self._wake()
+        for lane in self._lanes:
+            if frame.consumer_tag is not None and frame.consumer_tag == lane.consumer_tag:
+                lane.consumer_tag = None
+                self._wake()
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, lane: _Lane, message: AbstractIncomingMessage) -> None:
         if self._closed:
             # Arrived after close() began: give it back, holding the channel open until that is done.
             self._returning += 1
@@ -241,7 +266,7 @@ class _RabbitMQReceiver(Receiver):
                 self._returning -= 1
                 await self._discard_if_idle()
         elif _on_open_channel(message):  # else it arrived as its channel died: the broker has it back
-            self._buffer.append(message)
+            self._buffer.append((lane, message))
             self._wake_one()
 
     def _check_open(self) -> None:
@@ -249,15 +274,18 @@ class _RabbitMQReceiver(Receiver):
         if self._closed:
             raise ClosedError(f"receiver on queue {self._queue!r} is closed")
 
+    def _unsubscribed(self) -> bool:
+        return any(lane.consumer_tag is None for lane in self._lanes)
+
     async def get(self, timeout: float | None = None) -> Delivery | None:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + max(0.0, timeout)
         while True:
             self._check_open()
             while self._buffer:
-                message = self._buffer.popleft()
+                lane, message = self._buffer.popleft()
                 if _on_open_channel(message):
-                    return self._hand_out(message)
+                    return self._hand_out(message, lane)
             if not self._push:
                 if self._prefetch == 1:
                     # Take what is ready with basic.get first: push delivery would prefetch the next message,
@@ -266,7 +294,7 @@ class _RabbitMQReceiver(Receiver):
                     if pulled is not None or (timeout is not None and timeout <= 0):
                         return pulled
                 self._push = True
-            if self._consumer_tag is None and self._subscribing is None:
+            if self._subscribing is None and self._unsubscribed():
                 self._subscribing = asyncio.ensure_future(self._subscribe())
                 self._subscribing.add_done_callback(self._subscribed)
             remaining = None if deadline is None else deadline - loop.time()
@@ -304,38 +332,50 @@ class _RabbitMQReceiver(Receiver):
             task.exception()  # retrieved here; every waiting get() raises it
         self._wake()
 
-    async def _ensure_channel(self) -> AbstractChannel:
-        async with self._channel_lock:
-            if self._channel.is_closed:
-                channel = await self._client._open_channel(prefetch=self._prefetch)
-                self._channel = channel
+    async def _ensure_channel(self, lane: _Lane) -> AbstractChannel:
+        async with lane.lock:
+            if lane.channel is None or lane.channel.is_closed:
+                channel = await self._client._open_channel(prefetch=1)
+                lane.channel = channel
                 await self._watch(channel)
-            return self._channel
+            return lane.channel
 
     async def _subscribe(self) -> None:
+        lanes = [lane for lane in self._lanes if lane.consumer_tag is None]
+        results = await asyncio.gather(*(self._subscribe_lane(lane) for lane in lanes), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _subscribe_lane(self, lane: _Lane) -> None:
         client = self._client
+
+        async def deliver(message: AbstractIncomingMessage) -> None:
+            await self._on_message(lane, message)
+
         with client._boundary():
-            channel = await self._ensure_channel()
+            channel = await self._ensure_channel(lane)
             queue = await channel.get_queue(self._queue, ensure=False)
             try:  # on a deleted queue this closes the channel, whose messages went with the queue anyway
-                tag = await queue.consume(self._on_message, timeout=client.operation_timeout)
+                tag = await queue.consume(deliver, timeout=client.operation_timeout)
             except ChannelNotFoundEntity as exc:
                 raise QueueNotFoundError(self._queue) from exc
-            if channel is self._channel and not channel.is_closed:
-                self._consumer_tag = tag
+            if channel is lane.channel and not channel.is_closed:
+                lane.consumer_tag = tag
 
     async def _pull(self) -> Delivery | None:
         client = self._client
+        lane = self._lanes[0]
         with client._boundary():
-            channel = await self._ensure_channel()
+            channel = await self._ensure_channel(lane)
             queue = await channel.get_queue(self._queue, ensure=False)
             try:
                 message = await queue.get(no_ack=False, fail=False, timeout=client.operation_timeout)
             except ChannelNotFoundEntity as exc:
                 raise QueueNotFoundError(self._queue) from exc
-        return None if message is None else self._hand_out(message)
+        return None if message is None else self._hand_out(message, lane)
 
-    def _hand_out(self, message: AbstractIncomingMessage) -> Delivery:
+    def _hand_out(self, message: AbstractIncomingMessage, lane: _Lane) -> Delivery:
         delivery = _Claim(
             self._queue,
             message.body,
@@ -343,14 +383,24 @@ class _RabbitMQReceiver(Receiver):
             handle=message,
             delivery_count=_delivery_count(message),
             receiver=self,
+            lane=lane,
         )
         self._held.add(delivery)
         return delivery
 
+    def _buffered(self) -> list[AbstractIncomingMessage]:
+        """Take the messages pushed but not handed out, for close() (the receiver's or the client's) to give back."""
+        buffered, self._buffer = [message for _, message in self._buffer], deque()
+        return buffered
+
+    def _channels(self) -> list[AbstractChannel]:
+        return [lane.channel for lane in self._lanes if lane.channel is not None]
+
     async def _discard_if_idle(self) -> None:
-        # A closed receiver keeps its channel while it holds messages: acks must go out on that channel.
+        # A closed receiver keeps its channels while it holds messages: acks must go out on those channels.
         if self._closed and not self._held and not self._returning:
-            await self._client._discard(self._channel)
+            for channel in self._channels():
+                await self._client._discard(channel)
 
     def _abandon(self) -> None:
         """Stop at once, without I/O (the backend is closing its connection, which returns every message)."""
@@ -360,25 +410,27 @@ class _RabbitMQReceiver(Receiver):
         self._buffer.clear()
         self._wake()
 
+    async def _cancel_consumer(self, lane: _Lane) -> None:
+        channel, tag, lane.consumer_tag = lane.channel, lane.consumer_tag, None
+        if tag is not None and channel is not None and not channel.is_closed:
+            with contextlib.suppress(Exception):
+                underlay = await channel.get_underlay_channel()
+                await underlay.basic_cancel(tag, timeout=self._client.operation_timeout)
+
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        # Until the buffered messages are given back, the channel must stay open even if the held ones settle.
+        # Until the buffered messages are given back, the channels must stay open even if the held ones settle.
         self._returning += 1
         try:
             self._client._receivers.discard(self)
             if self._subscribing is not None:
                 self._subscribing.cancel()
                 await asyncio.gather(self._subscribing, return_exceptions=True)
-            channel, tag, self._consumer_tag = self._channel, self._consumer_tag, None
-            timeout = self._client.operation_timeout
-            if tag is not None and not channel.is_closed:
-                with contextlib.suppress(Exception):
-                    underlay = await channel.get_underlay_channel()
-                    await underlay.basic_cancel(tag, timeout=timeout)
+            await asyncio.gather(*(self._cancel_consumer(lane) for lane in self._lanes))
             # Messages pushed but not handed out go back (re-published, see _return); so do late arrivals.
-            buffered, self._buffer = list(self._buffer), deque()
+            buffered = self._buffered()
             for message in buffered:
                 with contextlib.suppress(Exception):
                     await self._client._return(message, self._queue)
@@ -386,12 +438,19 @@ class _RabbitMQReceiver(Receiver):
             self._returning -= 1
         self._wake()
         if not self._held and not self._returning:
-            await self._client._discard(channel)
-        elif buffered and not channel.is_closed:
-            # The channel stays open for the held ones: one round trip, so the broker has the others back
-            # by the time close() returns.
-            with contextlib.suppress(Exception):
-                await channel.set_qos(prefetch_count=self._prefetch, timeout=timeout)
+            for channel in self._channels():
+                await self._client._discard(channel)
+        elif buffered:
+            # The channels stay open for the held ones: one round trip on each, so the broker has the others
+            # back by the time close() returns.
+            open_channels = [channel for channel in self._channels() if not channel.is_closed]
+            await asyncio.gather(
+                *(
+                    channel.set_qos(prefetch_count=1, timeout=self._client.operation_timeout)
+                    for channel in open_channels
+                ),
+                return_exceptions=True,
+            )
 
 
 class RabbitMQClient(Backend):
@@ -432,6 +491,7 @@ class RabbitMQClient(Backend):
         ssl_context: _ssl.SSLContext | None = None,
         ssl_ca_certs: str | None = None,
         heartbeat: int = AMQP_HEARTBEAT,
+        connect_timeout: float = CONNECT_TIMEOUT,
         operation_timeout: float = OPERATION_TIMEOUT,
         reconnect_interval: float = AMQP_RECONNECT_INTERVAL,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
@@ -445,6 +505,8 @@ class RabbitMQClient(Backend):
             raise ConfigurationError(f"heartbeat must be an int >= 0 (seconds; 0 turns it off), not {heartbeat!r}")
         if not operation_timeout > 0 or not reconnect_interval > 0:
             raise ConfigurationError("operation_timeout and reconnect_interval must be positive")
+        if not isinstance(connect_timeout, (int, float)) or not connect_timeout > 0:
+            raise ConfigurationError(f"connect_timeout must be a positive number of seconds, not {connect_timeout!r}")
         if not virtual_host:
             raise ConfigurationError("virtual_host must not be empty (the default one is '/')")
         if ssl_ca_certs is not None:
@@ -463,9 +525,14 @@ class RabbitMQClient(Backend):
         self.ssl_ca_certs = ssl_ca_certs
         self._ssl_context = ssl_context
         self.heartbeat = heartbeat
+        self.connect_timeout = float(connect_timeout)
         self.operation_timeout = operation_timeout
         self.reconnect_interval = reconnect_interval
         self._connection: aio_pika.RobustConnection | None = None
+        # Publishes (retries, dead-letters and give-backs included) go out on a connection of their own: during a
+        # resource alarm the broker stops reading from a connection that publishes, acks on it included.
+        self._publish_connection: aio_pika.RobustConnection | None = None
+        self._publish_blocked = conditions.BlockedState()
         self._idle_channels: list[AbstractChannel] = []
         self._publish_channel: AbstractChannel | None = None
         self._publish_lock = asyncio.Lock()
@@ -476,7 +543,8 @@ class RabbitMQClient(Backend):
         """A client for ``amqp://user:password@host:port/vhost`` (``amqps://`` for TLS).
 
         Omitted parts take the defaults (guest/guest, port 5672 or 5671, vhost ``/``); the vhost is
-        percent-decoded (``%2F`` is ``/``) and an empty path means ``/``. Query options: ``?heartbeat=N``, and
+        percent-decoded (``%2F`` is ``/``) and an empty path means ``/``. Query options: ``?heartbeat=N``,
+        ``?connect_timeout=S`` (seconds), and
         with ``amqps://`` ``?ssl_ca_certs=/path/ca.pem`` (percent-encoded). Keyword arguments go to the
         constructor and win over the URL.
         """
@@ -508,9 +576,10 @@ class RabbitMQClient(Backend):
                 options[key] = value
                 continue
             try:
-                options[key] = int(value)
+                options[key] = float(value) if key == "connect_timeout" else int(value)
             except ValueError:
-                raise ConfigurationError(f"option {key} in AMQP URL {where} must be an integer") from None
+                kind = "a number" if key == "connect_timeout" else "an integer"
+                raise ConfigurationError(f"option {key} in AMQP URL {where} must be {kind}") from None
         options.update(kwargs)
         return cls(**options)
 
@@ -542,6 +611,11 @@ class RabbitMQClient(Backend):
         except JobsError:
             raise
         except AMQPError as exc:
+            refused = conditions.refusal(
+                exc, username=self.username, virtual_host=self.virtual_host, backend=self.describe()
+            )
+            if refused is not None:
+                raise refused from exc
             raise BackendError(f"{self.describe()}: {type(exc).__name__}: {exc}", backend=self.describe()) from exc
         except Exception as exc:
             if not _lost_connection(exc):
@@ -560,7 +634,8 @@ class RabbitMQClient(Backend):
                 return await operation
         return await asyncio.wait_for(operation, self.operation_timeout)
 
-    async def _connect(self) -> None:
+    async def _open_connection(self, name: str) -> aio_pika.RobustConnection:
+        """One robust connection, connected within ``connect_timeout``; a refusal or an unreachable broker is named."""
         url = make_url(
             host=self.host,
             port=self.port,
@@ -572,26 +647,50 @@ class RabbitMQClient(Backend):
             reconnect_interval=self.reconnect_interval,
         )
         connection = aio_pika.RobustConnection(
-            url, ssl_context=self._ssl_context, client_properties={"connection_name": "mindtrace.jobs"}
+            url, ssl_context=self._ssl_context, client_properties={"connection_name": name}
         )
         try:
-            with translate_driver_errors(
-                host=self.host,
-                port=self.port,
-                backend=self.describe(),
-                connection_errors=(*CONNECTION_EXCEPTIONS, asyncio.TimeoutError),
-            ):
-                try:
-                    await connection.connect(timeout=self.operation_timeout)
-                except (AuthenticationError, ProbableAuthenticationError) as exc:
-                    # The broker answered and refused the login: unlike an unreachable broker, waiting cannot help.
-                    raise BackendError(
-                        f"{self.describe()} refused the credentials: {exc}", backend=self.describe()
+            try:
+                await connection.connect(timeout=self.connect_timeout)
+            except JobsError:
+                raise
+            except Exception as exc:
+                # The broker answered and refused (login, vhost, permissions): waiting cannot help.
+                refused = conditions.refusal(
+                    exc, username=self.username, virtual_host=self.virtual_host, backend=self.describe()
+                )
+                if refused is not None:
+                    raise refused from exc
+                if isinstance(exc, (*CONNECTION_EXCEPTIONS, asyncio.TimeoutError)):
+                    raise conditions.unreachable(
+                        exc,
+                        backend=self.describe(),
+                        host=self.host,
+                        port=self.port,
+                        username=self.username,
+                        virtual_host=self.virtual_host,
+                        timeout=self.connect_timeout,
                     ) from exc
+                raise
         except BaseException:
             await self._close_connection(connection)
             raise
-        self._connection = connection
+        return connection
+
+    async def _connect(self) -> None:
+        opened = await asyncio.gather(
+            self._open_connection("mindtrace.jobs"),
+            self._open_connection("mindtrace.jobs publisher"),
+            return_exceptions=True,
+        )
+        failed = [result for result in opened if isinstance(result, BaseException)]
+        connections = [result for result in opened if isinstance(result, aio_pika.RobustConnection)]
+        if failed:
+            for connection in connections:
+                await self._close_connection(connection)
+            raise failed[0]
+        self._connection, self._publish_connection = connections
+        self._publish_blocked.watch(self._publish_connection)
         try:
             with self._boundary():
                 async with self._ops_channel() as channel:
@@ -599,8 +698,9 @@ class RabbitMQClient(Backend):
                         EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True, timeout=self.operation_timeout
                     )
         except BaseException:
-            self._connection = None
-            await self._close_connection(connection)
+            self._connection = self._publish_connection = None
+            for connection in connections:
+                await self._close_connection(connection)
             raise
 
     async def _close_connection(self, connection: aio_pika.RobustConnection) -> None:
@@ -608,18 +708,51 @@ class RabbitMQClient(Backend):
             await self._timed(connection.close())
 
     async def _close(self) -> None:
+        await self._give_back_on_close()
         for receiver in list(self._receivers):
             receiver._abandon()
         self._receivers.clear()
-        connection, self._connection = self._connection, None
+        connections = (self._connection, self._publish_connection)
+        self._connection = self._publish_connection = None
         self._idle_channels.clear()
         self._publish_channel = None
-        if connection is not None:
-            await self._close_connection(connection)
+        for connection in connections:
+            if connection is not None:
+                await self._close_connection(connection)
 
-    async def _ready_connection(self) -> aio_pika.RobustConnection:
-        connection = self._connection
-        if connection is None or self._closed:
+    async def _give_back_on_close(self) -> None:
+        """Give every held or prefetched message back uncharged, as ``stop()`` does, before the connection closes.
+
+        Left to the closing connection, the broker would requeue each with the redelivered flag, which the
+        consumer charges as a lost run (a job at ``max_retries=0`` would be dead-lettered). Jobs still running
+        are settled here, so their late ack raises ClosedError; the give-back is bounded by
+        ``operation_timeout``, after which the rest return as redeliveries.
+        """
+        messages: list[tuple[AbstractIncomingMessage, str]] = []
+        for receiver in self._receivers:
+            for delivery in receiver._held:
+                if not delivery.settled:
+                    delivery.settled = True
+                    messages.append((self._message(delivery), delivery.queue))
+            messages += [(message, receiver._queue) for message in receiver._buffered()]
+        if not messages:
+            return
+        returning = asyncio.gather(
+            *(self._return(message, queue) for message, queue in messages), return_exceptions=True
+        )
+        try:
+            await self._timed(returning)
+        except asyncio.TimeoutError:
+            logger.warning(
+                "closing %s: could not give back %d held message(s) within %gs; the broker redelivers the rest",
+                self.describe(),
+                len(messages),
+                self.operation_timeout,
+            )
+
+    async def _ready_connection(self, *, publish: bool = False) -> aio_pika.RobustConnection:
+        connection = self._publish_connection if publish else self._connection
+        if connection is None:  # (set to None at the end of close(), after held messages were given back)
             raise ClosedError(f"{self.describe()} is closed")
         if not connection.connected.is_set():
             try:
@@ -636,7 +769,7 @@ class RabbitMQClient(Backend):
 
     async def _open_channel(self, *, confirms: bool = False, prefetch: int | None = None) -> AbstractChannel:
         """A new channel; with ``confirms``, publishes wait for the broker's ack and unroutable ones raise."""
-        connection = await self._ready_connection()
+        connection = await self._ready_connection(publish=confirms)  # confirmed channels publish: their own connection
         channel = Channel(connection, publisher_confirms=confirms, on_return_raises=confirms)
         try:
             await self._timed(channel.initialize())
@@ -702,6 +835,7 @@ class RabbitMQClient(Backend):
         once on a fresh channel (after a reconnect); one that was sent is never sent twice.
         """
         properties = spec.Basic.Properties(
+            message_id=message.job_id or None,  # names the job in errors about this delivery (see _job_id)
             delivery_mode=2,
             priority=broker_priority(message.priority, resumes=message.resumes),
             expiration=str(expiration_ms) if expiration_ms else None,
@@ -734,9 +868,10 @@ class RabbitMQClient(Backend):
 
     def _publish_error(self, queue: str, message: OutgoingMessage, exc: BaseException) -> PublishError:
         reason = "no confirm in time" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
+        blocked = conditions.blocked_detail(self._publish_blocked)
         return PublishError(
             f"{self.describe()} did not confirm job {message.job_id!r} for queue {queue!r} ({reason}); "
-            "it may or may not be queued",
+            + (blocked or "it may or may not be queued"),
             queue=queue,
             job_id=message.job_id,
             backend=self.describe(),
@@ -839,7 +974,7 @@ class RabbitMQClient(Backend):
         if not await self._queue_exists(queue):
             raise QueueNotFoundError(queue)
         with self._boundary():
-            channel = await self._open_channel(prefetch=prefetch)
+            channel = await self._open_channel(prefetch=1)  # every lane has QoS 1 (see _RabbitMQReceiver)
         receiver = _RabbitMQReceiver(self, queue, prefetch, channel)
         try:
             with self._boundary():
@@ -863,8 +998,9 @@ class RabbitMQClient(Backend):
                 await receiver._discard_if_idle()
 
     def _check_held(self, delivery: Delivery) -> None:
-        if not _on_open_channel(self._message(delivery)):
-            raise LeaseLostError(queue=delivery.queue, job_id=None, backend=self.describe())
+        message = self._message(delivery)
+        if not _on_open_channel(message):
+            raise LeaseLostError(queue=delivery.queue, job_id=_job_id(message), backend=self.describe())
 
     async def _ack(self, delivery: Delivery) -> None:
         try:
