@@ -197,13 +197,15 @@ class RabbitMQNode:
     flushes) or kills it (SIGKILL); ``start()`` again recovers its durable queues and persistent messages.
     With ``tls``, the node also listens for AMQPS on ``tls_port`` (no client certificate asked for). Starting
     takes about 5 s (measured: 4.4-4.6 s on a 2-core machine, first start or restart alike). ``config`` adds
-    lines to its rabbitmq.conf (``consumer_timeout = 3000``, say); ``ctl(...)`` runs rabbitmqctl against it.
+    lines to its rabbitmq.conf (``consumer_timeout = 3000``, say), ``erl_args`` to its Erlang VM's arguments
+    (``-rabbit channel_tick_interval 500``); ``ctl(...)`` runs rabbitmqctl against it.
     """
 
     port: int = field(default_factory=free_port)
     dist_port: int = field(default_factory=free_port)
     tls: TlsFiles | None = None
     config: tuple[str, ...] = ()
+    erl_args: tuple[str, ...] = ()
     tls_port: int = field(default_factory=free_port)
     name: str = field(default_factory=lambda: f"mtj-{secrets.token_hex(4)}@localhost")
     directory: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mindtrace-rabbitmq-")))
@@ -256,7 +258,9 @@ class RabbitMQNode:
             "RABBITMQ_MNESIA_BASE": str(self.directory / "mnesia"),
             "RABBITMQ_LOG_BASE": str(self.directory / "log"),
             "RABBITMQ_PID_FILE": str(self.directory / "node.pid"),
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": " ".join(
+                ("-kernel inet_dist_use_interface {127,0,0,1}", *self.erl_args)
+            ),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
         }
 
