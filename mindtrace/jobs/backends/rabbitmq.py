@@ -728,25 +728,29 @@ class RabbitMQClient(Backend):
         are settled here, so their late ack raises ClosedError; the give-back is bounded by
         ``operation_timeout``, after which the rest return as redeliveries.
         """
-        messages: list[tuple[AbstractIncomingMessage, str]] = []
-        for receiver in self._receivers:
+        receivers = list(self._receivers)
+        held: list[tuple[AbstractIncomingMessage, str]] = []
+        for receiver in receivers:
             for delivery in receiver._held:
                 if not delivery.settled:
                     delivery.settled = True
-                    messages.append((self._message(delivery), delivery.queue))
-            messages += [(message, receiver._queue) for message in receiver._buffered()]
-        if not messages:
+                    held.append((self._message(delivery), delivery.queue))
+        if not held and not any(receiver._buffer for receiver in receivers):
             return
-        returning = asyncio.gather(
-            *(self._return(message, queue) for message, queue in messages), return_exceptions=True
-        )
+
+        async def give_back() -> None:
+            # Closing a receiver stops push delivery first (each give-back frees a slot the broker would fill)
+            # and gives its prefetched messages back; then the running ones go back.
+            await asyncio.gather(*(receiver.close() for receiver in receivers), return_exceptions=True)
+            await asyncio.gather(*(self._return(message, queue) for message, queue in held), return_exceptions=True)
+
         try:
-            await self._timed(returning)
+            await self._timed(give_back())
         except asyncio.TimeoutError:
             logger.warning(
-                "closing %s: could not give back %d held message(s) within %gs; the broker redelivers the rest",
+                "closing %s: could not give back %d running job(s) within %gs; the broker redelivers the rest",
                 self.describe(),
-                len(messages),
+                len(held),
                 self.operation_timeout,
             )
 

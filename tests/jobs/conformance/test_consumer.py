@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from mindtrace.jobs import Job, JobInput, JobSchema, UndecodableMessage
-from mindtrace.jobs.backends.base import OutgoingMessage
+from mindtrace.jobs import AsyncConsumer, AsyncOrchestrator, Job, JobInput, JobSchema, UndecodableMessage
+from mindtrace.jobs.backends.base import Backend, OutgoingMessage
 from mindtrace.jobs.wire import encode
 from tests.jobs.conformance.models import DetectionOutput, ImageInput, image_schema, make_job
 from tests.jobs.support.api import Api
@@ -347,3 +348,50 @@ async def test_a_job_given_back_goes_ahead_of_the_jobs_waiting_at_its_priority(a
     order = [(await api.receive_message(queue, timeout=10)) for _ in range(5)]
     assert [j.id for j in order if j is not None] == [urgent.id, first.id, *(j.id for j in others)]
     assert order[1] is not None and order[1].attempts == 0
+
+
+async def test_closing_the_orchestrator_gives_running_jobs_back_uncharged(
+    api: Api, queue: str, backend_name: str, backend_factory: Callable[[], Backend]
+) -> None:
+    # close() (and interpreter exit, which closes) while jobs run: the broker gets them back uncharged, as at a
+    # stop(), so with max_retries=0 none is dead-lettered when a later consumer takes them.
+    if backend_name == "memory":
+        pytest.skip("in-memory queues end with their client: nothing is left to give back to")
+    schema = image_schema(queue)
+    await api.register(schema)
+    jobs = [make_job(schema, i) for i in range(6)]
+    for job in jobs:
+        await api.publish(queue, job)
+    started: list[str] = []
+    release = asyncio.Event()
+
+    async def hold(job: Job) -> None:
+        started.append(job.id)
+        await release.wait()
+
+    consuming = asyncio.create_task(api.consumer(queue, hold, max_retries=0).consume(concurrency=4))
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(started) < 4:
+            assert asyncio.get_running_loop().time() < deadline, f"only {len(started)} jobs started"
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(api.close(), 10)
+    finally:
+        release.set()
+        # What consume() does once its orchestrator is closed under it is not this test's concern.
+        await asyncio.wait_for(asyncio.gather(consuming, return_exceptions=True), 10)
+    async with AsyncOrchestrator(backend_factory()) as reopened:
+        await reopened.register(schema)
+        assert await reopened.count_queue_messages(queue) == len(jobs)
+        ran: list[Job] = []
+
+        class Collect(AsyncConsumer):
+            async def run(self, job: Job) -> None:
+                ran.append(job)
+
+        collector = Collect(queue, max_retries=0)
+        collector.connect(reopened)
+        assert await asyncio.wait_for(collector.consume(num_messages=len(jobs)), 20) == len(jobs)
+        assert sorted(job.id for job in ran) == sorted(job.id for job in jobs)
+        assert all(job.attempts == 0 and job.error is None for job in ran), [(j.attempts, j.error) for j in ran]
+        assert await reopened.count_queue_messages(queue + ".dlq") == 0
