@@ -464,8 +464,11 @@ class RabbitMQClient(Backend):
 
     A claimed message is held until settled; if its consumer or connection dies the broker delivers it again
     (no lease timeout). Retries wait in per-delay queues ``<queue>:retry:<ms>`` that hand the job back when
-    its delay has passed. The connection reconnects by itself (aio-pika robust connection) and receivers
-    subscribe again; jobs in flight at a disconnect run again. The password never appears in ``repr``,
+    its delay has passed. Publishes go out on a connection of their own, so that a resource alarm, which
+    blocks connections that publish, never stops acks. The connections reconnect by themselves (aio-pika
+    robust connections) and receivers subscribe again; jobs in flight at a disconnect run again. A broker that
+    refuses the login, the vhost or an operation raises BackendRefusedError; one not reached within
+    ``connect_timeout`` raises BackendUnavailableError. The password never appears in ``repr``,
     ``describe()`` or error messages.
 
     TLS (``ssl=True``, or an ``amqps://`` URL) verifies the broker's certificate and host name against the
