@@ -54,7 +54,7 @@ def refusal(error: BaseException, *, username: str, virtual_host: str, backend: 
     """
     if isinstance(error, (AuthenticationError, ProbableAuthenticationError)):
         return BackendRefusedError(
-            f"{backend} refused the login of user {username!r} (wrong user name or password, or the user may "
+            f"{backend} refused the credentials of user {username!r} (wrong user name or password, or the user may "
             f"not log in from here): {error}",
             refused="credentials",
             reason=str(error),
