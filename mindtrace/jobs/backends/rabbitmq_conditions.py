@@ -36,9 +36,12 @@ def _close_frame(error: BaseException) -> spec.Connection.Close | None:
     """The Connection.Close frame the broker answered a handshake step with, if the driver saw one.
 
     aiormq reports a Close frame received instead of Connection.OpenOk as an InvalidFrameError whose text
-    only shows the frame's repr; the frame itself (reply code and text) is a local of the driver's frame
-    that raised it.
+    only shows the frame's repr; aiormq 6 passes the frame as an argument, aiormq 7 leaves it (reply code and
+    text) a local of the driver's function that raised.
     """
+    for argument in error.args:  # aiormq 6 passes the frame along
+        if isinstance(argument, spec.Connection.Close):
+            return argument
     for frame, _ in traceback.walk_tb(error.__traceback__):
         candidate = frame.f_locals.get("frame")
         if isinstance(candidate, spec.Connection.Close):
