@@ -1,4 +1,4 @@
-"""RedisClient: queues as hash-tagged Redis keys, changed only by the atomic Lua scripts in ``redis_lua/``."""
+"""RedisClient: queues as hash-tagged Redis keys, changed only by the atomic Lua scripts in ``lua/``."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ logger = logging.getLogger("mindtrace.jobs")
 
 _T = TypeVar("_T")
 
-#: Ranks are (MAX_PRIORITY - priority) * _PRIORITY_BAND + sequence, as in redis_lua/lib.lua.
+#: Ranks are (MAX_PRIORITY - priority) * _PRIORITY_BAND + sequence, as in lua/lib.lua.
 _PRIORITY_BAND = 2**44
 
 #: Longest an idle receiver blocks between two claims. Wake-ups and deadlines returned by the claim make
@@ -105,7 +105,7 @@ class _Retry(Retry):
 @functools.cache
 def _script_sources() -> dict[str, str]:
     """Each transition's Lua source, after the shared definitions of ``lib.lua``."""
-    folder = importlib.resources.files("mindtrace.jobs.backends").joinpath("redis_lua")
+    folder = importlib.resources.files("mindtrace.jobs.backends.redis").joinpath("lua")
     lib = folder.joinpath("lib.lua").read_text(encoding="utf-8")
     return {name: lib + "\n" + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in _SCRIPTS}
 
