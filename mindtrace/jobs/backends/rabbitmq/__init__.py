@@ -183,8 +183,8 @@ class _RabbitMQReceiver(Receiver):
     """
 
     def __init__(self, client: RabbitMQClient, queue: str, prefetch: int, channel: AbstractChannel) -> None:
+        super().__init__(client, queue)
         self._client = client
-        self._queue = queue
         self._prefetch = prefetch
         self._channel = channel
         self._channel_lock = asyncio.Lock()
@@ -195,7 +195,6 @@ class _RabbitMQReceiver(Receiver):
         self._subscribing: asyncio.Task[None] | None = None
         self._held: set[Delivery] = set()
         self._returning = 0  # late arrivals being given back after close()
-        self._closed = False
 
     async def _watch(self, channel: AbstractChannel) -> None:
         channel.close_callbacks.add(self._on_channel_closed)
@@ -244,16 +243,10 @@ class _RabbitMQReceiver(Receiver):
             self._buffer.append(message)
             self._wake_one()
 
-    def _check_open(self) -> None:
-        self._client._check_usable()
-        if self._closed:
-            raise ClosedError(f"receiver on queue {self._queue!r} is closed")
-
-    async def get(self, timeout: float | None = None) -> Delivery | None:
+    async def _get(self, deadline: float | None) -> Delivery | None:
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + max(0.0, timeout)
+        no_wait = deadline is not None and deadline <= loop.time()
         while True:
-            self._check_open()
             while self._buffer:
                 message = self._buffer.popleft()
                 if _on_open_channel(message):
@@ -263,7 +256,7 @@ class _RabbitMQReceiver(Receiver):
                     # Take what is ready with basic.get first: push delivery would prefetch the next message,
                     # which a receiver that takes one job (receive_message) would have to give back.
                     pulled = await self._pull()
-                    if pulled is not None or (timeout is not None and timeout <= 0):
+                    if pulled is not None or no_wait:
                         return pulled
                 self._push = True
             if self._consumer_tag is None and self._subscribing is None:
@@ -296,6 +289,7 @@ class _RabbitMQReceiver(Receiver):
                 error = subscribing.exception()
                 if error is not None:
                     raise error
+            self._check_open()
 
     def _subscribed(self, task: asyncio.Task[None]) -> None:
         if self._subscribing is task:
