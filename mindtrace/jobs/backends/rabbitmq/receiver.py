@@ -256,7 +256,8 @@ class _RabbitMQReceiver(Receiver):
                 with contextlib.suppress(Exception):
                     underlay = await channel.get_underlay_channel()
                     await underlay.basic_cancel(tag, timeout=timeout)
-            # Messages pushed but not handed out go back (re-published, see _return); so do late arrivals.
+            # Messages pushed but not handed out go back (re-published, see _Publisher.return_message); so do
+            # late arrivals.
             buffered, self._buffer = list(self._buffer), deque()
             for message in buffered:
                 with contextlib.suppress(Exception):
