@@ -55,7 +55,7 @@ PLANTS = (
     ),
     Plant(
         "no token check on ack",
-        "mindtrace/jobs/backends/redis_lua/ack.lua",
+        "mindtrace/jobs/backends/redis/lua/ack.lua",
         "if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then",
         "if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then -- PLANTED",
         (
