@@ -17,14 +17,13 @@ from mindtrace.jobs.orchestrator import AsyncOrchestrator
 from mindtrace.jobs.types import Job, JobSchema
 from mindtrace.jobs.wire import SchemaTypes
 
-#: Seconds a Ctrl-C'd consume() waits for running jobs to be given back before re-raising.
-_INTERRUPT_GRACE = 5.0
-
 
 class Orchestrator:
     """The blocking twin of :class:`AsyncOrchestrator`; each method runs the async one on a background loop.
 
-    Safe from several threads at once and from inside a running event loop. Close it with ``close()`` or
+    Safe from several threads at once and from inside a running event loop. Ctrl-C during any call cancels
+    that call on the loop and waits (briefly) for its clean-up, so an interrupted ``receive_message`` takes
+    no job after it returned. Close it with ``close()`` or
     ``with``; one left open is closed at interpreter exit. The async orchestrator is ``.aio``.
     """
 
@@ -171,7 +170,7 @@ class Consumer(abc.ABC):
 
     def consume(self, num_messages: int | None = None, concurrency: int = 1) -> int:
         """See :meth:`AsyncConsumer.consume`; blocks until done. Returns how many messages were handled."""
-        return self._thread.run_interruptible(self.aio.consume(num_messages, concurrency), "Consumer", _INTERRUPT_GRACE)
+        return self._thread.run(self.aio.consume(num_messages, concurrency), "Consumer")
 
     def stop(self) -> None:
         """Ask a running ``consume()`` to return after the jobs it runs now; callable from any thread."""
