@@ -106,7 +106,7 @@ def run_plant(plant: Plant, scratch: Path, timeout: float) -> tuple[str, str]:
     if text.count(plant.old) != 1:
         raise SystemExit(f"plant {plant.name!r}: the spot to change is not found once in {plant.path}")
     source.write_text(text.replace(plant.old, plant.new))
-    env = {**os.environ, "PYTHONPATH": str(copy)}
+    env = {**os.environ, "PYTHONPATH": str(copy), "COLUMNS": "400"}  # summary lines keep their messages
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *plant.tests],
         cwd=copy,
@@ -126,7 +126,7 @@ def run_plant(plant: Plant, scratch: Path, timeout: float) -> tuple[str, str]:
         verdict = "caught"
     else:
         verdict = "incidental"
-    shown = (own or failed or ["-"])[0][:160]
+    shown = (own or failed or ["-"])[0][:240]
     return verdict, f"{summary}; first failure: {shown}"
 
 
