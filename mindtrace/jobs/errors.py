@@ -53,12 +53,15 @@ class MissingDependencyError(JobsError, ImportError):
 
 
 class JobValidationError(JobsError, ValueError):
-    """A job, or the input given for a schema, does not validate."""
+    """A job, or the input given for a schema, does not validate. ``field``: the first field that did not."""
 
-    def __init__(self, message: str, *, schema: str | None = None, job_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, schema: str | None = None, job_id: str | None = None, field: str | None = None
+    ) -> None:
         super().__init__(message)
         self.schema = schema
         self.job_id = job_id
+        self.field = field
 
 
 class PayloadTooLargeError(JobsError, ValueError):

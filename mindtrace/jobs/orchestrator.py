@@ -21,7 +21,7 @@ from mindtrace.jobs.backends.base import (
 from mindtrace.jobs.constants import DLQ_SUFFIX, UNDECODABLE_SCHEMA
 from mindtrace.jobs.errors import ClosedError, DecodeError, JobValidationError, QueueError
 from mindtrace.jobs.types import QUEUE_MAPPING, Job, JobSchema
-from mindtrace.jobs.wire import SchemaTypes, decode, encode, undecodable_job
+from mindtrace.jobs.wire import SchemaTypes, check_against, decode, encode, undecodable_job
 
 logger = logging.getLogger("mindtrace.jobs")
 
@@ -98,7 +98,9 @@ class AsyncOrchestrator:
         """Queue ``job`` on ``queue_name``, or on ``QUEUE_MAPPING[job.job_type]`` when called as
         ``publish(job)`` (that queue is declared if missing). Returns the job id once the broker holds it.
 
-        QueueNotFoundError when a named queue was never declared; PayloadTooLargeError over the size limit.
+        QueueNotFoundError when a named queue was never declared; PayloadTooLargeError over the size limit;
+        JobValidationError, naming the schema and the field, when the job's schema is registered here and its
+        input does not validate against it (a receiver would dead-letter it). Nothing is sent on an error.
         """
         self._check_open()
         queue, job = await self._route(queue_or_job, job)
@@ -106,7 +108,8 @@ class AsyncOrchestrator:
         return job.id
 
     async def publish_many(self, queue_name: str, jobs: Sequence[Job]) -> list[str]:
-        """Queue several jobs on ``queue_name``; all are validated and encoded before any is sent."""
+        """Queue several jobs on ``queue_name``; all are validated (as in ``publish``) and encoded before any is
+        sent."""
         self._check_open()
         validate_queue_name(queue_name)
         messages = [outgoing(self._check_job(job)) for job in jobs]
@@ -116,6 +119,7 @@ class AsyncOrchestrator:
     async def _route(self, queue_or_job: str | Job, job: Job | None) -> tuple[str, Job]:
         if isinstance(queue_or_job, Job) and job is None:
             queue = QUEUE_MAPPING[queue_or_job.job_type]
+            self._check_job(queue_or_job)
             await self.ensure_queue(queue)
             return queue, queue_or_job
         if not isinstance(queue_or_job, str):
@@ -124,10 +128,12 @@ class AsyncOrchestrator:
             )
         return queue_or_job, self._check_job(job)
 
-    @staticmethod
-    def _check_job(job: object) -> Job:
+    def _check_job(self, job: object) -> Job:
         if not isinstance(job, Job):
             raise JobValidationError(f"expected a Job, not {type(job).__name__}")
+        types = self._schemas.get(job.payload.name)
+        if types is not None:
+            check_against(job, types)
         return job
 
     def decode(self, raw: bytes, queue: str | None = None) -> Job:
