@@ -20,6 +20,7 @@ from mindtrace.jobs.errors import (
     JobValidationError,
     PayloadTooLargeError,
     QueueError,
+    QueueNotFoundError,
     UsageError,
 )
 from mindtrace.jobs.orchestrator import AsyncOrchestrator, outgoing
@@ -162,12 +163,27 @@ class AsyncConsumer(abc.ABC):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RECONNECT_MAX_DELAY)
                 continue
+            except QueueNotFoundError:
+                budget.give_back()
+                await self._declare_lost_queue(delay)
+                delay = min(delay * 2, _RECONNECT_MAX_DELAY)
+                continue
             if delivery is None:
                 budget.give_back()
                 continue
             delay = _RECONNECT_DELAY
             await self._handle(delivery)
             handled[0] += 1
+
+    async def _declare_lost_queue(self, delay: float) -> None:
+        """The broker lost the queue under this consumer (deleted elsewhere, or a broker restart without
+        persistence): declare it again, saying so, and go on after ``delay`` s (no busy loop if it stays gone)."""
+        try:
+            if await self.orchestrator.ensure_queue(self.queue_name, refresh=True):
+                logger.warning("queue %r was gone from the broker: declared it again, consuming on", self.queue_name)
+        except BackendUnavailableError as exc:  # the broker is still coming back: the claim loop retries
+            logger.warning("consumer of %r could not declare its lost queue yet: %s", self.queue_name, exc)
+        await asyncio.sleep(delay)
 
     async def _claim(self, receiver: Receiver) -> Delivery | None:
         # The worker waits in the receiver itself: no task per claim. stop() cancels the workers waiting here
