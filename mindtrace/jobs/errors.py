@@ -53,7 +53,12 @@ class MissingDependencyError(JobsError, ImportError):
 
 
 class JobValidationError(JobsError, ValueError):
-    """A job, or the input given for a schema, does not validate. ``field``: the first field that did not."""
+    """A job, or the input given for a schema, does not validate. ``field``: the first field that did not.
+
+    Raised by the library's own checks (``job_from_schema``, ``publish``, ``input_as``, a ``run`` result),
+    with the pydantic error as ``__cause__``. Constructing a model directly (``Job(priority=10)``) raises
+    ``pydantic.ValidationError`` instead; both are ValueError.
+    """
 
     def __init__(
         self, message: str, *, schema: str | None = None, job_id: str | None = None, field: str | None = None
