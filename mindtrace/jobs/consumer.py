@@ -33,6 +33,11 @@ logger = logging.getLogger("mindtrace.jobs")
 _RECONNECT_DELAY, _RECONNECT_MAX_DELAY = 0.1, 5.0
 
 
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless n is 1: "1 time", "3 times"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class _Budget:
     """How many more messages this consume() call may take; None is unlimited."""
 
@@ -217,7 +222,7 @@ class AsyncConsumer(abc.ABC):
             job.attempts += 1
             job.error = "redelivered: the consumer running it died, lost its connection or gave it back"
             if job.attempts > self.max_retries:
-                logger.warning("dead-lettering job %s after %d lost runs", job.id, job.attempts)
+                logger.warning("dead-lettering job %s after %s", job.id, _count(job.attempts, "lost run"))
                 await self._settle(backend.dead_letter(delivery, outgoing(job)), delivery)
             else:
                 await self._retry(delivery, job, 0.0, resumes=True)
@@ -227,7 +232,7 @@ class AsyncConsumer(abc.ABC):
             # consumer (a poison job).
             job.attempts += delivery.delivery_count - 1
             job.error = (
-                f"delivered {delivery.delivery_count} times without being settled: "
+                f"delivered {_count(delivery.delivery_count, 'time')} without being settled: "
                 "the consumer died or lost its lease while running it"
             )
             logger.warning("dead-lettering job %s: %s", job.id, job.error)
@@ -263,7 +268,7 @@ class AsyncConsumer(abc.ABC):
             logger.info("job %s failed (attempt %d), retrying in %.2fs: %s", job.id, job.attempts, delay, job.error)
             await self._retry(delivery, job, delay)
         else:
-            logger.warning("job %s failed %d times, dead-lettering: %s", job.id, job.attempts, job.error)
+            logger.warning("job %s failed %s, dead-lettering: %s", job.id, _count(job.attempts, "time"), job.error)
             await self._settle(backend.dead_letter(delivery, outgoing(job)), delivery)
 
     async def _retry(self, delivery: Delivery, job: Job, delay: float, *, resumes: bool = False) -> None:

@@ -82,3 +82,18 @@ async def test_consume_on_a_declared_queue_says_nothing(api: Api, queue: str, ca
     with caplog.at_level(logging.WARNING, logger="mindtrace.jobs"):
         assert await api.consumer(queue, handler).consume(num_messages=1) == 1
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_dead_letter_log_counts_in_good_english(api: Api, queue: str, caplog: pytest.LogCaptureFixture) -> None:
+    schema = image_schema(queue)
+    await api.register(schema)
+    job = make_job(schema, 1)
+    await api.publish(queue, job)
+
+    async def handler(job: Job) -> None:
+        raise RuntimeError("boom")
+
+    with caplog.at_level(logging.WARNING, logger="mindtrace.jobs"):
+        assert await api.consumer(queue, handler, max_retries=0).consume(num_messages=1) == 1
+    (message,) = [r.getMessage() for r in caplog.records if job.id in r.getMessage()]
+    assert f"job {job.id} failed 1 time, dead-lettering" in message, message
