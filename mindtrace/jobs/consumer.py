@@ -14,6 +14,7 @@ from mindtrace.jobs.backends.base import Delivery, Receiver, dead_letter_queue_n
 from mindtrace.jobs.constants import MAX_RETRIES, MAX_RETRY_DELAY, RETRY_BACKOFF, RETRY_DELAY
 from mindtrace.jobs.errors import (
     BackendError,
+    BackendRefusedError,
     BackendUnavailableError,
     ConfigurationError,
     DecodeError,
@@ -159,6 +160,16 @@ class AsyncConsumer(abc.ABC):
             except BackendUnavailableError as exc:
                 budget.give_back()
                 logger.warning("consumer of %r lost the broker, retrying in %.1fs: %s", self.queue_name, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RECONNECT_MAX_DELAY)
+                continue
+            except BackendError as exc:
+                # The broker answered with an error that may pass (Redis full, BUSY with another client's
+                # script, MISCONF after a failed save): wait and claim again. A refusal cannot pass.
+                if isinstance(exc, BackendRefusedError):
+                    raise
+                budget.give_back()
+                logger.warning("consumer of %r got a broker error, retrying in %.1fs: %s", self.queue_name, delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RECONNECT_MAX_DELAY)
                 continue

@@ -11,7 +11,6 @@ import importlib.resources
 import json
 import logging
 import math
-import secrets
 import ssl as _ssl
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -22,12 +21,22 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import AuthenticationError, AuthorizationError, NoScriptError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mindtrace.jobs.backends.base import Backend, Delivery, OutgoingMessage, QueueOptions, Receiver
+from mindtrace.jobs.backends.redis_faults import (
+    REFUSED,
+    check_eviction_policy,
+    claim_sent_once,
+    connect_within,
+    may_resend,
+    purge_in_chunks,
+    refusal,
+)
 from mindtrace.jobs.constants import (
+    CONNECT_TIMEOUT,
     DLQ_SUFFIX,
     MAX_PAYLOAD_BYTES,
     MAX_PRIORITY,
@@ -70,10 +79,12 @@ _RETRY_BASE, _RETRY_CAP = 0.1, 2.0
 _SCRIPTS = ("declare", "publish", "claim", "ack", "release", "retry", "dead_letter", "extend", "count", "purge", "wake")
 
 
-_REFUSED = (AuthenticationError, AuthorizationError)
+_REFUSED = REFUSED
 
 #: TLS options ``from_url`` takes from a ``rediss://`` URL's query, and the values of ``ssl_cert_reqs``.
 _URL_OPTIONS = ("ssl_ca_certs", "ssl_cert_reqs")
+#: Options ``from_url`` takes from the query of any Redis URL, and their types.
+_URL_ANY_OPTIONS: dict[str, type] = {"connect_timeout": float}
 _CERT_REQS = ("required", "optional", "none")
 
 
@@ -97,7 +108,7 @@ class _Retry(Retry):
     ) -> _T:
         def retryable(error: Exception) -> bool:
             refused = isinstance(error, _REFUSED) or _untrusted_certificate(error)
-            return not refused and (is_retryable is None or is_retryable(error))
+            return not refused and may_resend() and (is_retryable is None or is_retryable(error))
 
         return await super().call_with_retry(do, fail, retryable, with_failure_count)
 
@@ -275,8 +286,12 @@ class RedisClient(Backend):
     holder dies the job is claimable again once the lease ends, and the old holder can no longer ack it
     (LeaseLostError). Priority order, then FIFO. Idle receivers block on Redis, they do not poll. What
     survives a server restart is what the server persists (use ``appendonly yes``). Commands are retried
-    with exponential backoff ``connection_retries`` times before BackendUnavailableError. The password never
-    appears in ``repr``, ``describe()`` or errors.
+    with exponential backoff ``connection_retries`` times before BackendUnavailableError. Connecting gives
+    up after ``connect_timeout`` seconds in total (CONNECT_TIMEOUT, 10 s, by default: attempts and backoff
+    together) with a BackendUnavailableError saying what was tried for how long; a server that answers and
+    refuses (credentials, ACL permissions, database number) raises BackendRefusedError at once. A server
+    whose ``maxmemory-policy`` is ``allkeys-*`` (it would evict queued jobs) is refused with a
+    ConfigurationError at connect. The password never appears in ``repr``, ``describe()`` or errors.
 
     TLS (``ssl=True``, or a ``rediss://`` URL) verifies the server's certificate and host name against the
     system's trusted CAs, or against the CA bundle file ``ssl_ca_certs`` (which implies TLS).
@@ -302,6 +317,7 @@ class RedisClient(Backend):
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
         operation_timeout: float = OPERATION_TIMEOUT,
         connection_retries: int = REDIS_CONNECTION_RETRIES,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         super().__init__(max_payload_bytes=max_payload_bytes)
         if not isinstance(port, int) or not 0 < port < 65536:
@@ -316,6 +332,8 @@ class RedisClient(Backend):
             )
         if not operation_timeout > 0:
             raise ConfigurationError(f"operation_timeout must be positive, not {operation_timeout}")
+        if not connect_timeout > 0 or math.isinf(connect_timeout):
+            raise ConfigurationError(f"connect_timeout must be a positive number of seconds, not {connect_timeout}")
         if connection_retries < 0:
             raise ConfigurationError(f"connection_retries must be >= 0, not {connection_retries}")
         if ssl_cert_reqs not in _CERT_REQS:
@@ -337,6 +355,7 @@ class RedisClient(Backend):
         self.lease_timeout = self.visibility_timeout
         self.operation_timeout = float(operation_timeout)
         self.connection_retries = connection_retries
+        self.connect_timeout = float(connect_timeout)
         # Kept apart from the public attributes: only the driver ever sees it.
         self._password = password
         self._redis: aioredis.Redis | None = None
@@ -350,13 +369,16 @@ class RedisClient(Backend):
         self._pending: list[tuple[AsyncScript, Sequence[str], Sequence[Any], asyncio.Future[Any]]] = []
         self._in_flight = 0
         self._batches: set[asyncio.Task[None]] = set()
+        # Per queue: tokens of claims whose answer was lost; the next claim adopts what they hold.
+        self._doubtful: dict[str, list[str]] = {}
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisClient:
         """A client for ``redis://[[user]:password@]host[:port][/db]`` (``rediss://`` for TLS).
 
-        User and password are percent-decoded. A ``rediss://`` URL takes the TLS options ``ssl_ca_certs``
-        (path of a CA bundle) and ``ssl_cert_reqs`` as query parameters, e.g.
+        User and password are percent-decoded. Any Redis URL takes ``connect_timeout`` (seconds) as a query
+        parameter, e.g. ``redis://host:6379/0?connect_timeout=3``. A ``rediss://`` URL also takes the TLS
+        options ``ssl_ca_certs`` (path of a CA bundle) and ``ssl_cert_reqs``, e.g.
         ``rediss://host:6380/0?ssl_ca_certs=/etc/ssl/my-ca.pem``; no other query is accepted. Keyword
         arguments are passed to the constructor and win over the URL. Errors never repeat the URL, which may
         hold a password.
@@ -365,17 +387,23 @@ class RedisClient(Backend):
         scheme = parts.scheme.lower()
         if scheme not in cls.schemes:
             raise ConfigurationError(f"RedisClient needs a redis:// or rediss:// URL, not {scheme or '(none)'}://")
-        if parts.fragment or (parts.query and scheme != "rediss"):
+        query: dict[str, Any] = dict(parse_qsl(parts.query, keep_blank_values=True))
+        tls_query = set(query) - set(_URL_ANY_OPTIONS)
+        unknown = sorted(tls_query - set(_URL_OPTIONS))
+        if unknown:
+            known = ", ".join((*_URL_OPTIONS, *_URL_ANY_OPTIONS))
+            raise ConfigurationError(f"unknown option(s) {', '.join(unknown)} in the Redis URL; known: {known}")
+        if parts.fragment or (tls_query and scheme != "rediss"):
             raise ConfigurationError(
-                "RedisClient URLs take no fragment, and query options (TLS ones) only with rediss://; "
+                "RedisClient URLs take no fragment, and TLS query options only with rediss://; "
                 "pass other options as keyword arguments"
             )
-        query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        unknown = sorted(set(query) - set(_URL_OPTIONS))
-        if unknown:
-            raise ConfigurationError(
-                f"unknown option(s) {', '.join(unknown)} in the Redis URL; known: {', '.join(_URL_OPTIONS)}"
-            )
+        for name, kind in _URL_ANY_OPTIONS.items():
+            if name in query:
+                try:
+                    query[name] = kind(query[name])
+                except ValueError as exc:
+                    raise ConfigurationError(f"{name} in the Redis URL must be a number, not {query[name]!r}") from exc
         try:
             port = parts.port or 6379
         except ValueError as exc:
@@ -418,11 +446,9 @@ class RedisClient(Backend):
                 try:
                     yield
                 except _REFUSED as exc:  # connection errors to redis-py, but the server answered
-                    raise BackendError(
-                        f"{self.describe()} refused the credentials: {exc}", backend=self.describe()
-                    ) from exc
+                    raise refusal(exc, self.describe()) or BackendError(str(exc)) from exc
         except RedisError as exc:
-            raise BackendError(
+            raise refusal(exc, self.describe()) or BackendError(
                 f"{self.describe()} failed: {type(exc).__name__}: {exc}", backend=self.describe()
             ) from exc
 
@@ -516,7 +542,7 @@ class RedisClient(Backend):
                 ssl_ca_certs=self.ssl_ca_certs,
                 ssl_cert_reqs=self.ssl_cert_reqs,
                 socket_timeout=socket_timeout,
-                socket_connect_timeout=self.operation_timeout,
+                socket_connect_timeout=min(self.operation_timeout, self.connect_timeout),
                 retry=_Retry(ExponentialWithJitterBackoff(base=_RETRY_BASE, cap=_RETRY_CAP), self.connection_retries),
                 username=self.username,
                 password=self._password,
@@ -525,9 +551,24 @@ class RedisClient(Backend):
         commands = client(self.operation_timeout)
         # Blocking reads wait up to _MAX_BLOCK on connections of their own, never shared with commands.
         blocking = client(_MAX_BLOCK + self.operation_timeout)
-        try:
+
+        async def attempt() -> None:
             with self._io():
                 await commands.ping()
+
+        try:
+            await connect_within(
+                attempt,
+                seconds=self.connect_timeout,
+                attempts=self.connection_retries + 1,
+                backend=self.describe(),
+                host=self.host,
+                port=self.port,
+                backoff_base=_RETRY_BASE,
+                backoff_cap=_RETRY_CAP,
+            )
+            with self._io():
+                await check_eviction_policy(commands.config_get, self.describe())
         except BaseException:
             await commands.aclose()
             await blocking.aclose()
@@ -608,16 +649,30 @@ class RedisClient(Backend):
         if task is not None:
             self._claims.add(task)
         try:
-            token = secrets.token_hex(8)
             lease_ms = math.ceil(self.visibility_timeout * 1000)
-            reply = await self._run(
-                "claim",
-                [
-                    *(keys.meta, keys.ready, keys.delayed, keys.leases, keys.bodies),
-                    *(keys.tokens, keys.ranks, keys.deliveries, keys.wake),
-                ],
-                [count, lease_ms, token],
-            )
+            script_keys = [
+                *(keys.meta, keys.ready, keys.delayed, keys.leases, keys.bodies),
+                *(keys.tokens, keys.ranks, keys.deliveries, keys.wake),
+            ]
+
+            async def run(token: str, doubtful: list[str]) -> Any:
+                # Sent on its own, never in a pipeline the driver might send again.
+                self._in_flight += 1
+                try:
+                    return await self._evalsha(
+                        self._client, self._scripts["claim"], script_keys, [count, lease_ms, token, *doubtful]
+                    )
+                finally:
+                    self._in_flight -= 1
+
+            with self._io():
+                token, reply = await claim_sent_once(
+                    run,
+                    self._doubtful.setdefault(queue, []),
+                    retries=self.connection_retries,
+                    backoff_base=_RETRY_BASE,
+                    backoff_cap=_RETRY_CAP,
+                )
         finally:
             if task is not None:
                 self._claims.discard(task)
@@ -677,7 +732,7 @@ class RedisClient(Backend):
         chunks = [messages[i : i + _PUBLISH_CHUNK] for i in range(0, len(messages), _PUBLISH_CHUNK)]
 
         def args(chunk: Sequence[OutgoingMessage]) -> list[Any]:
-            return [value for message in chunk for value in (message.priority, message.body)]
+            return [value for message in chunk for value in (message.priority, message.job_id, message.body)]
 
         if len(chunks) == 1:
             queued = [await self._run("publish", script_keys, args(chunks[0]))]
@@ -688,7 +743,7 @@ class RedisClient(Backend):
                     for chunk in chunks:
                         await self._scripts["publish"](keys=script_keys, args=args(chunk), client=pipe)
                     queued = await pipe.execute()
-        if queued[0] == 0:
+        if queued[0] < 0:
             raise QueueNotFoundError(queue)
 
     async def _open_receiver(self, queue: str, prefetch: int) -> Receiver:
@@ -762,11 +817,14 @@ class RedisClient(Backend):
 
     async def _purge(self, queue: str) -> int:
         keys = self._keys(queue)
-        removed = await self._run(
-            "purge",
-            [keys.meta, keys.ready, keys.delayed, keys.leases, keys.tokens, keys.ranks, keys.bodies, keys.deliveries],
-            [],
-        )
+        script_keys = [
+            *(keys.meta, keys.ready, keys.delayed, keys.leases, keys.tokens, keys.ranks, keys.bodies, keys.deliveries)
+        ]
+
+        async def run_chunk(chunk: int) -> int:
+            return int(await self._run("purge", script_keys, [chunk]))
+
+        removed = await purge_in_chunks(run_chunk)
         if removed < 0:
             raise QueueNotFoundError(queue)
         return int(removed)
