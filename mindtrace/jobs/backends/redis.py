@@ -370,7 +370,7 @@ class RedisClient(Backend):
         self._in_flight = 0
         self._batches: set[asyncio.Task[None]] = set()
         # Per queue: tokens of claims whose answer was lost; the next claim adopts what they hold.
-        self._doubtful: dict[str, list[str]] = {}
+        self._doubtful: dict[str, dict[str, int]] = {}
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisClient:
@@ -668,7 +668,7 @@ class RedisClient(Backend):
             with self._io():
                 token, reply = await claim_sent_once(
                     run,
-                    self._doubtful.setdefault(queue, []),
+                    self._doubtful.setdefault(queue, {}),
                     retries=self.connection_retries,
                     backoff_base=_RETRY_BASE,
                     backoff_cap=_RETRY_CAP,

@@ -34,6 +34,11 @@ logger = logging.getLogger("mindtrace.jobs")
 #: Driver errors that are the server answering "no": retrying with the same settings is refused again.
 REFUSED: tuple[type[RedisError], ...] = (AuthenticationError, AuthorizationError, NoPermissionError)
 
+#: Successful claims that pass a doubtful token before it is forgotten. Two, because after a stall the
+#: server may run a lost claim just after the claim that came after it (both were waiting in its buffers
+#: when it resumed): the claim after that one, sent once the first answer came back, is run later still.
+DOUBT_PASSES = 2
+
 #: Ready jobs one purge script call removes at most: about 2-3 us each, so a call holds the server for
 #: some 20-30 ms, far below the 5 s after which Redis answers every other client BUSY.
 PURGE_CHUNK = 10_000
@@ -100,7 +105,7 @@ def _lost_answer(error: BaseException) -> bool:
 
 async def claim_sent_once(
     run: Callable[[str, list[str]], Awaitable[Any]],
-    doubtful: list[str],
+    doubtful: dict[str, int],
     *,
     retries: int,
     backoff_base: float,
@@ -113,7 +118,8 @@ async def claim_sent_once(
     run on the server: its token goes into ``doubtful`` (kept by the caller, per queue, across calls), and
     every later claim on the queue passes the doubtful tokens, so the script hands the jobs they hold to
     this claim (adopted, not delivered again) instead of leaving them to expire and count a delivery that
-    never ran. Lost answers are tried again ``retries`` times with jittered exponential backoff, then the
+    never ran. A token is passed by ``DOUBT_PASSES`` successful claims, then forgotten. Lost answers are
+    tried again ``retries`` times with jittered exponential backoff, then the
     last error is raised; other errors are raised at once.
     """
     backoff = ExponentialWithJitterBackoff(base=backoff_base, cap=backoff_cap)
@@ -126,7 +132,7 @@ async def claim_sent_once(
                 reply = await run(token, passed)
         except BaseException as exc:
             # Whatever ended the wait (a timeout, a cut, a cancellation), the server may have run the claim.
-            doubtful.append(token)
+            doubtful[token] = DOUBT_PASSES
             if not isinstance(exc, Exception) or not _lost_answer(exc):
                 raise
             failures += 1
@@ -134,9 +140,10 @@ async def claim_sent_once(
                 raise
             await asyncio.sleep(backoff.compute(failures))
             continue
-        for adopted in passed:
-            with contextlib.suppress(ValueError):
-                doubtful.remove(adopted)
+        for passed_token in passed:
+            left = doubtful.pop(passed_token, 0) - 1
+            if left > 0:
+                doubtful[passed_token] = left
         return token, reply
 
 
