@@ -165,8 +165,9 @@ async def connect_within(
     included, whatever the cause of the failures (refused connections, blackholed SYNs, a silent server).
 
     ``attempt`` raises BackendUnavailableError (or times out) when the server cannot be reached, which is
-    tried again after a backoff while time and attempts are left; any other error (a refusal) is raised at
-    once. Then BackendUnavailableError saying how many attempts were made in how long, and the last error.
+    tried again after a backoff while time and attempts are left; an untrusted certificate and any other
+    error (a refusal) are raised at once. Then BackendUnavailableError saying how many attempts were made
+    in how long, and the last error.
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -183,6 +184,8 @@ async def connect_within(
             await asyncio.wait_for(attempt(), max(remaining, 0.001))
             return
         except BackendUnavailableError as exc:
+            if exc.__cause__ is not None and untrusted_certificate(exc.__cause__):
+                raise  # trying again cannot help
             last = exc.__cause__ or exc
         except asyncio.TimeoutError:
             last = TimeoutError(f"no answer within {max(remaining, 0.0):.1f} s")

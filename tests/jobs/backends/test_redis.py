@@ -20,7 +20,7 @@ from redis.crc import key_slot
 from mindtrace.jobs import (
     AsyncConsumer,
     AsyncOrchestrator,
-    BackendError,
+    BackendRefusedError,
     BackendUnavailableError,
     ConfigurationError,
     Job,
@@ -473,10 +473,11 @@ async def test_the_password_reaches_the_server_and_a_wrong_one_is_not_shown(queu
             assert await backend.queue_exists(queue)
         wrong = RedisClient.from_url(f"redis://:not-{PASSWORD}@127.0.0.1:{server.port}/0")
         started = time.monotonic()
-        with pytest.raises(BackendError) as info:
+        with pytest.raises(BackendRefusedError) as info:
             await wrong.connect()
         assert time.monotonic() - started < 1, "refused credentials are not retried"
         assert not isinstance(info.value, BackendUnavailableError)
+        assert info.value.refused == "credentials"
         assert "refused the credentials" in str(info.value)
         assert PASSWORD not in str(info.value)
         await wrong.close()
