@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, Protocol, TypeVar
 
-from mindtrace.jobs.constants import EXIT_CLOSE_TIMEOUT
+from mindtrace.jobs.constants import EXIT_CLOSE_TIMEOUT, INTERRUPT_GRACE
 from mindtrace.jobs.errors import ClosedError, ForkError, LoopThreadError
 
 T = TypeVar("T")
@@ -74,13 +74,14 @@ class LoopThread:
             raise
         return call
 
-    def run(self, coro: Coroutine[Any, Any, T], what: str) -> T:
-        """Run ``coro`` on the loop and block until it returns its result or raises."""
-        return self._submit(coro, what).result()
+    def run(self, coro: Coroutine[Any, Any, T], what: str, grace: float = INTERRUPT_GRACE) -> T:
+        """Run ``coro`` on the loop and block until it returns its result or raises.
 
-    def run_interruptible(self, coro: Coroutine[Any, Any, T], what: str, grace: float) -> T:
-        """Like ``run``; on KeyboardInterrupt, cancel the coroutine, wait up to ``grace`` s for it to clean up
-        (give jobs back), then re-raise."""
+        The one path of every blocking call. On KeyboardInterrupt (Ctrl-C lands in the waiting thread, not in
+        the loop's), the coroutine is cancelled on the loop, given up to ``grace`` s to clean up (give claimed
+        jobs back, close its receiver), then the interrupt is re-raised: nothing keeps running on the loop
+        thread for a caller that is gone.
+        """
         call = self._submit(coro, what)
         try:
             return call.result()

@@ -62,5 +62,8 @@ OPERATION_TIMEOUT: Final = 10.0
 #: Seconds the blocking API waits at interpreter exit for open orchestrators to close.
 EXIT_CLOSE_TIMEOUT: Final = 1.0
 
+#: Seconds a blocking call interrupted by Ctrl-C waits for its cancelled task to clean up (give jobs back).
+INTERRUPT_GRACE: Final = 5.0
+
 #: Name of the schema under which undecodable messages are dead-lettered.
 UNDECODABLE_SCHEMA: Final = "mindtrace.undecodable"

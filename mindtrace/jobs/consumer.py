@@ -21,6 +21,7 @@ from mindtrace.jobs.errors import (
     JobValidationError,
     PayloadTooLargeError,
     QueueError,
+    QueueNotFoundError,
     UsageError,
 )
 from mindtrace.jobs.orchestrator import AsyncOrchestrator, outgoing
@@ -31,6 +32,11 @@ logger = logging.getLogger("mindtrace.jobs")
 
 # Backoff while the broker is unreachable during consume: first wait and cap, in seconds.
 _RECONNECT_DELAY, _RECONNECT_MAX_DELAY = 0.1, 5.0
+
+
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless n is 1: "1 time", "3 times"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 class _Budget:
@@ -163,6 +169,11 @@ class AsyncConsumer(abc.ABC):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RECONNECT_MAX_DELAY)
                 continue
+            except QueueNotFoundError:
+                budget.give_back()
+                await self._declare_lost_queue(delay)
+                delay = min(delay * 2, _RECONNECT_MAX_DELAY)
+                continue
             except BackendError as exc:
                 # The broker answered with an error that may pass (Redis full, BUSY with another client's
                 # script, MISCONF after a failed save): wait and claim again. A refusal cannot pass.
@@ -179,6 +190,18 @@ class AsyncConsumer(abc.ABC):
             delay = _RECONNECT_DELAY
             await self._handle(delivery)
             handled[0] += 1
+
+    async def _declare_lost_queue(self, delay: float) -> None:
+        """The broker lost the queue under this consumer (deleted elsewhere, or a broker restart without
+        persistence): declare it again, saying so, and go on after ``delay`` s (no busy loop if it stays gone)."""
+        try:
+            if await self.orchestrator.ensure_queue(self.queue_name, refresh=True):
+                logger.warning("queue %r was gone from the broker: declared it again, consuming on", self.queue_name)
+        except BackendError as exc:  # the broker is still coming back, or full: the claim loop retries
+            if isinstance(exc, BackendRefusedError):
+                raise
+            logger.warning("consumer of %r could not declare its lost queue yet: %s", self.queue_name, exc)
+        await asyncio.sleep(delay)
 
     async def _claim(self, receiver: Receiver) -> Delivery | None:
         # The worker waits in the receiver itself: no task per claim. stop() cancels the workers waiting here
@@ -212,7 +235,7 @@ class AsyncConsumer(abc.ABC):
             job.attempts += 1
             job.error = "redelivered: the consumer running it died, lost its connection or gave it back"
             if job.attempts > self.max_retries:
-                logger.warning("dead-lettering job %s after %d lost runs", job.id, job.attempts)
+                logger.warning("dead-lettering job %s after %s", job.id, _count(job.attempts, "lost run"))
                 await self._settle(backend.dead_letter(delivery, outgoing(job)), delivery)
             else:
                 await self._retry(delivery, job, 0.0, resumes=True)
@@ -222,7 +245,7 @@ class AsyncConsumer(abc.ABC):
             # consumer (a poison job).
             job.attempts += delivery.delivery_count - 1
             job.error = (
-                f"delivered {delivery.delivery_count} times without being settled: "
+                f"delivered {_count(delivery.delivery_count, 'time')} without being settled: "
                 "the consumer died or lost its lease while running it"
             )
             logger.warning("dead-lettering job %s: %s", job.id, job.error)
@@ -258,7 +281,7 @@ class AsyncConsumer(abc.ABC):
             logger.info("job %s failed (attempt %d), retrying in %.2fs: %s", job.id, job.attempts, delay, job.error)
             await self._retry(delivery, job, delay)
         else:
-            logger.warning("job %s failed %d times, dead-lettering: %s", job.id, job.attempts, job.error)
+            logger.warning("job %s failed %s, dead-lettering: %s", job.id, _count(job.attempts, "time"), job.error)
             await self._settle(backend.dead_letter(delivery, outgoing(job)), delivery)
 
     async def _retry(self, delivery: Delivery, job: Job, delay: float, *, resumes: bool = False) -> None:

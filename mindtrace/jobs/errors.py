@@ -10,7 +10,7 @@ The tree::
     ├── DecodeError                 bytes on the wire are not a job; keeps the raw bytes
     ├── QueueError
     │   ├── InvalidQueueNameError   empty, too long, or characters that could collide  (also ValueError)
-    │   ├── QueueNotFoundError      the queue was never declared                       (also LookupError)
+    │   ├── QueueNotFoundError      the queue was never declared, or the broker lost it (also LookupError)
     │   └── QueueConflictError      declared again with different options
     ├── BackendError                the broker failed an operation
     │   ├── BackendUnavailableError cannot reach host:port (also ConnectionError); retryable
@@ -54,12 +54,20 @@ class MissingDependencyError(JobsError, ImportError):
 
 
 class JobValidationError(JobsError, ValueError):
-    """A job, or the input given for a schema, does not validate."""
+    """A job, or the input given for a schema, does not validate. ``field``: the first field that did not.
 
-    def __init__(self, message: str, *, schema: str | None = None, job_id: str | None = None) -> None:
+    Raised by the library's own checks (``job_from_schema``, ``publish``, ``input_as``, a ``run`` result),
+    with the pydantic error as ``__cause__``. Constructing a model directly (``Job(priority=10)``) raises
+    ``pydantic.ValidationError`` instead; both are ValueError.
+    """
+
+    def __init__(
+        self, message: str, *, schema: str | None = None, job_id: str | None = None, field: str | None = None
+    ) -> None:
         super().__init__(message)
         self.schema = schema
         self.job_id = job_id
+        self.field = field
 
 
 class PayloadTooLargeError(JobsError, ValueError):
@@ -102,10 +110,23 @@ class InvalidQueueNameError(QueueError, ValueError):
 
 
 class QueueNotFoundError(QueueError, LookupError):
-    """The queue was never declared (call ``declare_queue`` or ``register`` first)."""
+    """The queue was never declared (call ``declare_queue`` or ``register`` first), or the broker lost it.
 
-    def __init__(self, queue: str) -> None:
-        super().__init__(f"queue {queue!r} does not exist: declare it first with declare_queue()", queue=queue)
+    ``lost``: the queue was known to exist (declared through this orchestrator) and the broker no longer has
+    it: deleted by someone else, or gone with a broker restart that kept no data.
+    """
+
+    def __init__(self, queue: str, *, lost: bool = False) -> None:
+        if lost:
+            message = (
+                f"queue {queue!r} no longer exists on the broker, although it existed for this orchestrator "
+                "(deleted elsewhere, or lost in a broker restart without persistence): declare it again with "
+                "declare_queue()"
+            )
+        else:
+            message = f"queue {queue!r} does not exist: declare it first with declare_queue()"
+        super().__init__(message, queue=queue)
+        self.lost = lost
 
 
 class QueueConflictError(QueueError):

@@ -19,9 +19,9 @@ from mindtrace.jobs.backends.base import (
     validate_queue_name,
 )
 from mindtrace.jobs.constants import DLQ_SUFFIX, UNDECODABLE_SCHEMA
-from mindtrace.jobs.errors import ClosedError, DecodeError, JobValidationError, QueueError
+from mindtrace.jobs.errors import ClosedError, DecodeError, JobValidationError, QueueError, QueueNotFoundError
 from mindtrace.jobs.types import QUEUE_MAPPING, Job, JobSchema
-from mindtrace.jobs.wire import SchemaTypes, decode, encode, undecodable_job
+from mindtrace.jobs.wire import SchemaTypes, check_against, decode, encode, undecodable_job
 
 logger = logging.getLogger("mindtrace.jobs")
 
@@ -44,7 +44,9 @@ class AsyncOrchestrator:
         if not isinstance(self.backend, Backend):
             raise JobValidationError(f"backend must be a Backend or a URL, not {type(backend).__name__}")
         self._schemas: dict[str, SchemaTypes] = {}
-        self._known_queues: set[str] = set()
+        # Queues this orchestrator declared or saw, with the options to declare them again if the broker
+        # loses them (a Redis restart without persistence); a cache, so checked again on QueueNotFoundError.
+        self._known_queues: dict[str, QueueOptions] = {}
         self._closed = False
 
     def __repr__(self) -> str:
@@ -76,17 +78,26 @@ class AsyncOrchestrator:
         """Create ``queue_name`` (and its ``.dlq``) if missing. Idempotent; other options than the existing
         ones raise QueueConflictError. Options: ``durable`` (default True)."""
         self._check_open()
-        await self.backend.declare_queue(queue_name, QueueOptions.from_kwargs(queue_name, options))
-        self._known_queues.add(queue_name)
+        queue_options = QueueOptions.from_kwargs(queue_name, options)
+        await self.backend.declare_queue(queue_name, queue_options)
+        self._known_queues[queue_name] = queue_options
 
-    async def ensure_queue(self, queue_name: str) -> None:
-        """Declare ``queue_name`` with default options unless it already exists (whatever its options)."""
+    async def ensure_queue(self, queue_name: str, *, refresh: bool = False) -> bool:
+        """Declare ``queue_name`` unless it already exists (whatever its options); whether it declared it.
+
+        A queue this orchestrator knows exists is not checked again, unless ``refresh`` (the broker said it
+        is gone); one it declared before is declared again with the options it had then, others with defaults.
+        """
         self._check_open()
-        if queue_name in self._known_queues:
-            return
+        if queue_name in self._known_queues and not refresh:
+            return False
+        declared = False
         if not await self.backend.queue_exists(queue_name):
-            await self.backend.declare_queue(queue_name, QueueOptions())
-        self._known_queues.add(queue_name)
+            options = self._known_queues.get(queue_name, QueueOptions())
+            await self.backend.declare_queue(queue_name, options)
+            declared = True
+        self._known_queues.setdefault(queue_name, QueueOptions())
+        return declared
 
     @overload
     async def publish(self, queue_name: str, job: Job, /) -> str: ...
@@ -98,24 +109,47 @@ class AsyncOrchestrator:
         """Queue ``job`` on ``queue_name``, or on ``QUEUE_MAPPING[job.job_type]`` when called as
         ``publish(job)`` (that queue is declared if missing). Returns the job id once the broker holds it.
 
-        QueueNotFoundError when a named queue was never declared; PayloadTooLargeError over the size limit.
+        QueueNotFoundError when a named queue was never declared, or the broker lost it (``lost``: deleted
+        elsewhere, or a broker restart without persistence; an auto-routed queue is declared again instead and
+        the publish retried once); PayloadTooLargeError over the size limit;
+        JobValidationError, naming the schema and the field, when the job's schema is registered here and its
+        input does not validate against it (a receiver would dead-letter it). Nothing is sent on an error.
         """
         self._check_open()
+        routed = isinstance(queue_or_job, Job) and job is None
         queue, job = await self._route(queue_or_job, job)
-        await self.backend.publish(queue, outgoing(job))
+        message = outgoing(job)
+        try:
+            await self.backend.publish(queue, message)
+        except QueueNotFoundError:
+            if not routed:
+                raise self._lost(queue) from None
+            # Auto-routing owns its queue: the broker lost it (a restart without persistence), declare it again.
+            if await self.ensure_queue(queue, refresh=True):
+                logger.warning("auto-routed queue %r was gone from the broker: declared it again", queue)
+            await self.backend.publish(queue, message)
         return job.id
 
     async def publish_many(self, queue_name: str, jobs: Sequence[Job]) -> list[str]:
-        """Queue several jobs on ``queue_name``; all are validated and encoded before any is sent."""
+        """Queue several jobs on ``queue_name``; all are validated (as in ``publish``) and encoded before any is
+        sent."""
         self._check_open()
         validate_queue_name(queue_name)
         messages = [outgoing(self._check_job(job)) for job in jobs]
-        await self.backend.publish_many(queue_name, messages)
+        try:
+            await self.backend.publish_many(queue_name, messages)
+        except QueueNotFoundError:
+            raise self._lost(queue_name) from None
         return [message.job_id for message in messages]
+
+    def _lost(self, queue: str) -> QueueNotFoundError:
+        """The error for a publish the broker refused as to a missing queue, saying if it was lost."""
+        return QueueNotFoundError(queue, lost=self._known_queues.pop(queue, None) is not None)
 
     async def _route(self, queue_or_job: str | Job, job: Job | None) -> tuple[str, Job]:
         if isinstance(queue_or_job, Job) and job is None:
             queue = QUEUE_MAPPING[queue_or_job.job_type]
+            self._check_job(queue_or_job)
             await self.ensure_queue(queue)
             return queue, queue_or_job
         if not isinstance(queue_or_job, str):
@@ -124,10 +158,12 @@ class AsyncOrchestrator:
             )
         return queue_or_job, self._check_job(job)
 
-    @staticmethod
-    def _check_job(job: object) -> Job:
+    def _check_job(self, job: object) -> Job:
         if not isinstance(job, Job):
             raise JobValidationError(f"expected a Job, not {type(job).__name__}")
+        types = self._schemas.get(job.payload.name)
+        if types is not None:
+            check_against(job, types)
         return job
 
     def decode(self, raw: bytes, queue: str | None = None) -> Job:
@@ -135,8 +171,17 @@ class AsyncOrchestrator:
         return decode(raw, self._schemas, queue=queue)
 
     async def open_receiver(self, queue_name: str, *, prefetch: int = 1) -> Receiver:
-        """A receiver on ``queue_name`` (declared if missing): the consumer's low-level claim API."""
-        await self.ensure_queue(queue_name)
+        """A receiver on ``queue_name``: the consumer's low-level claim API.
+
+        A queue that does not exist is declared, so workers may start before producers, with a warning naming
+        it: a consumer of a misspelt queue would otherwise wait forever in silence.
+        """
+        if await self.ensure_queue(queue_name):
+            logger.warning(
+                "queue %r did not exist: declared it for its consumer (jobs arrive once producers publish to "
+                "it; check the name if none will)",
+                queue_name,
+            )
         return await self.backend.open_receiver(queue_name, prefetch=prefetch)
 
     async def receive_message(self, queue_name: str, timeout: float | None = None) -> Job | None:
@@ -179,7 +224,7 @@ class AsyncOrchestrator:
         """Delete ``queue_name`` and its dead-letter queue, with every job in them."""
         self._check_open()
         await self.backend.delete_queue(queue_name)
-        self._known_queues.discard(queue_name)
+        self._known_queues.pop(queue_name, None)
 
     async def requeue_dead_letters(self, queue_name: str, limit: int | None = None) -> int:
         """Move jobs from ``queue_name``'s dead-letter queue back to it, attempts and error reset.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextvars
 import functools
 import types
 from collections.abc import Mapping, Sequence
@@ -17,14 +18,13 @@ from mindtrace.jobs.orchestrator import AsyncOrchestrator
 from mindtrace.jobs.types import Job, JobSchema
 from mindtrace.jobs.wire import SchemaTypes
 
-#: Seconds a Ctrl-C'd consume() waits for running jobs to be given back before re-raising.
-_INTERRUPT_GRACE = 5.0
-
 
 class Orchestrator:
     """The blocking twin of :class:`AsyncOrchestrator`; each method runs the async one on a background loop.
 
-    Safe from several threads at once and from inside a running event loop. Close it with ``close()`` or
+    Safe from several threads at once and from inside a running event loop. Ctrl-C during any call cancels
+    that call on the loop and waits (briefly) for its clean-up, so an interrupted ``receive_message`` takes
+    no job after it returned. Close it with ``close()`` or
     ``with``; one left open is closed at interpreter exit. The async orchestrator is ``.aio``.
     """
 
@@ -104,26 +104,35 @@ class Orchestrator:
         self.close()
 
 
+#: The thread pool of the consume() call whose worker tasks see it (each call has its own; tasks copy it).
+_CALL_POOL: contextvars.ContextVar[DaemonPool | None] = contextvars.ContextVar("mindtrace_jobs_pool", default=None)
+
+
 class _ThreadedRun(AsyncConsumer):
-    """The async consumer behind a sync Consumer: runs the user's blocking ``run`` in a bounded thread pool."""
+    """The async consumer behind a sync Consumer: runs the user's blocking ``run`` in a bounded thread pool.
+
+    Each ``consume()`` call has a pool of its own, found by its worker tasks through a context variable, so
+    calls running at once (from two threads) never share or end each other's pool.
+    """
 
     def __init__(self, owner: Consumer, job_type_name: str, **options: Any) -> None:
         super().__init__(job_type_name, **options)
         self._owner = owner
-        self._pool: DaemonPool | None = None
 
     async def run(self, job: Job) -> Any:
-        if self._pool is None:
+        pool = _CALL_POOL.get()
+        if pool is None:
             raise UsageError("consume() is not running")
-        return await self._pool.submit(functools.partial(self._owner.run, job))
+        return await pool.submit(functools.partial(self._owner.run, job))
 
     async def consume(self, num_messages: int | None = None, concurrency: int = 1) -> int:
-        self._pool = DaemonPool(concurrency, "mindtrace-jobs-run")
+        pool = DaemonPool(concurrency, "mindtrace-jobs-run")
+        token = _CALL_POOL.set(pool)  # this call's task and the worker tasks it creates see it
         try:
             return await super().consume(num_messages, concurrency)
         finally:
-            self._pool.shutdown()
-            self._pool = None
+            _CALL_POOL.reset(token)
+            pool.shutdown()
 
 
 class Consumer(abc.ABC):
@@ -171,7 +180,7 @@ class Consumer(abc.ABC):
 
     def consume(self, num_messages: int | None = None, concurrency: int = 1) -> int:
         """See :meth:`AsyncConsumer.consume`; blocks until done. Returns how many messages were handled."""
-        return self._thread.run_interruptible(self.aio.consume(num_messages, concurrency), "Consumer", _INTERRUPT_GRACE)
+        return self._thread.run(self.aio.consume(num_messages, concurrency), "Consumer")
 
     def stop(self) -> None:
         """Ask a running ``consume()`` to return after the jobs it runs now; callable from any thread."""

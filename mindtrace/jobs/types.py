@@ -91,6 +91,11 @@ class Job(BaseModel):
     ``priority`` runs from 0 to 9 (higher runs first, FIFO among equals). ``attempts`` counts the runs that
     have failed so far and ``error`` holds the last failure; the consumer keeps both across retries and
     records them on the dead-lettered job. ``metadata`` is free-form JSON for the caller.
+
+    Job is a pydantic model: constructing one (or assigning a field) with an invalid value raises
+    ``pydantic.ValidationError``, as every model here and your JobInput subclasses do. The library's own
+    checks (``job_from_schema``, ``publish``, ``input_as``, a ``run`` result) raise JobValidationError naming the
+    schema, with the pydantic error as ``__cause__``. Both are ValueError.
     """
 
     model_config = ConfigDict(validate_assignment=True)
@@ -142,7 +147,9 @@ def job_from_schema(schema: JobSchema, input: JobInput | dict[str, Any], **field
     """Build a Job for ``schema`` from ``input`` (an instance of its input type, or a dict that validates).
 
     ``fields`` are passed to :class:`Job` (``priority``, ``job_type``, ``entrypoint``, ``id``...). The job's
-    name defaults to the schema's name. Anything else as ``input`` raises JobValidationError naming the schema.
+    name defaults to the schema's name. Anything else as ``input``, or an invalid field, raises
+    JobValidationError naming the schema (``__cause__``: the pydantic error), where ``Job(...)`` itself raises
+    ``pydantic.ValidationError``.
     """
     input_type = schema.input_type
     if isinstance(input, input_type):

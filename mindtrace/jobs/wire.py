@@ -55,6 +55,33 @@ class SchemaTypes:
         return cls(schema.input_type, schema.output_type)
 
 
+def check_against(job: Job, types: SchemaTypes) -> None:
+    """Raise JobValidationError, naming the schema and the field, if a receiver knowing ``types`` would find
+    ``job``'s input (or output value) invalid, i.e. dead-letter it as undecodable. Instances of the declared
+    classes pass without another validation."""
+    payload = job.payload
+    checks: list[tuple[str, type[JobInput] | type[JobOutput], JobInput | JobOutput]] = []
+    if not isinstance(payload.input, (type, types.input_type)):
+        checks.append(("input", types.input_type, payload.input))
+    output = payload.output
+    if types.output_type is not None and output is not None and not isinstance(output, (type, types.output_type)):
+        checks.append(("output", types.output_type, output))
+    for part, declared, value in checks:
+        try:
+            # The JSON form, as the receiver will see it: what passes here decodes there.
+            declared.model_validate(value.model_dump(mode="json"))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(loc) for loc in first["loc"]) or None
+            raise JobValidationError(
+                f"job {job.id!r}: {part} does not validate against registered schema {payload.name!r} "
+                f"({declared.__name__}): field {field!r}: {first['msg']} ({exc.error_count()} error(s) in all)",
+                schema=payload.name,
+                job_id=job.id,
+                field=field,
+            ) from exc
+
+
 BUILTIN_SCHEMAS: Mapping[str, SchemaTypes] = {UNDECODABLE_SCHEMA: SchemaTypes(UndecodableMessage, None)}
 
 

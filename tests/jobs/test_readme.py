@@ -33,10 +33,19 @@ def test_readme_shows_the_example_and_it_runs(name: str) -> None:
     assert ("pending: 0" if name == "quickstart" else "resizing /img/2.png") in result.stdout
 
 
-def test_readme_documents_the_test_command() -> None:
+#: The two commands the top of README gives: run the example, run the tests.
+EXAMPLE_COMMAND = "pip install -e . && python -m mindtrace.jobs.examples.quickstart"
+TEST_COMMAND = 'pip install -e ".[test]" && python -m pytest tests/jobs/'
+
+
+def test_readme_top_gives_the_two_commands_and_ci_runs_the_test_one_verbatim() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert "python -m pytest tests/jobs/" in readme
-    assert "python -m pytest tests/jobs/" in (ROOT / ".ci" / "run").read_text()
+    first_block = re.search(r"```bash\n(.*?)```", readme, flags=re.DOTALL)
+    assert first_block is not None
+    assert first_block.group(1).strip().splitlines() == [EXAMPLE_COMMAND, TEST_COMMAND]
+    assert readme.index(first_block.group(0)) < readme.index("## Install")
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert TEST_COMMAND in ci_lines
 
 
 def test_every_python_block_in_the_readme_compiles_and_imports_only_public_names() -> None:

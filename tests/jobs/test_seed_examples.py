@@ -1,16 +1,44 @@
-"""The examples of the two seed documents, run as written (pseudo-code replaced by something real)."""
+"""The examples of the two seed documents, run as written (pseudo-code replaced by something real).
+
+Each example imports exactly as its seed does (``# noqa: I001``: the seeds' own order of names is kept).
+"""
 
 from __future__ import annotations
 
+import ast
 import threading
 from urllib.parse import urlsplit
 
 import pytest
 
+import mindtrace.jobs
+
+#: Every import statement of the two seed documents, verbatim.
+SEED_IMPORTS = (
+    "from mindtrace.jobs import Job, JobSchema, JobInput, JobOutput",
+    "from mindtrace.jobs.mindtrace.types import JobType",
+    "from mindtrace.jobs import Orchestrator, LocalClient",
+    "from mindtrace.jobs import Orchestrator, RedisClient",
+    "from mindtrace.jobs import Orchestrator, RabbitMQClient",
+    "from mindtrace.jobs import Orchestrator, LocalClient, Consumer, JobSchema, JobInput, JobOutput, job_from_schema",
+    "from mindtrace.jobs import RedisClient",
+    "from mindtrace.jobs import RabbitMQClient",
+)
+
+
+@pytest.mark.parametrize("statement", SEED_IMPORTS)
+def test_seed_import_works_as_written_and_gives_the_public_objects(statement: str) -> None:
+    namespace: dict[str, object] = {}
+    exec(statement, namespace)
+    (node,) = ast.parse(statement).body
+    assert isinstance(node, ast.ImportFrom)
+    for alias in node.names:
+        assert namespace[alias.name] is getattr(mindtrace.jobs, alias.name), alias.name
+
 
 def test_seed_000_job_structure() -> None:
-    from mindtrace.jobs import Job, JobInput, JobOutput, JobSchema
-    from mindtrace.jobs.types import JobType
+    from mindtrace.jobs import Job, JobSchema, JobInput, JobOutput  # noqa: I001
+    from mindtrace.jobs.mindtrace.types import JobType
 
     class ClassificationInput(JobInput):
         model: str
@@ -40,23 +68,22 @@ def test_seed_000_job_structure() -> None:
 
 
 def test_seed_000_backends_and_publishing() -> None:
-    from mindtrace.jobs import (
-        Job,
-        JobInput,
-        JobSchema,
-        JobType,
-        LocalClient,
-        Orchestrator,
-        RabbitMQClient,
-        RedisClient,
-    )
+    from mindtrace.jobs import Job, JobSchema, JobInput, JobOutput  # noqa: I001, F401
+    from mindtrace.jobs.mindtrace.types import JobType
+
+    from mindtrace.jobs import Orchestrator, LocalClient
 
     # In-memory queues for testing
     orchestrator = Orchestrator(LocalClient())
 
     # Constructing a broker client does not connect: these run as written anywhere.
-    RedisClient(host="redis.cluster.local", port=6379)
-    RabbitMQClient(host="rabbitmq.cluster.local", port=5672, username="...", password="...")
+    from mindtrace.jobs import Orchestrator, RedisClient
+
+    Orchestrator(RedisClient(host="redis.cluster.local", port=6379)).close()
+
+    from mindtrace.jobs import Orchestrator, RabbitMQClient
+
+    Orchestrator(RabbitMQClient(host="rabbitmq.cluster.local", port=5672, username="...", password="...")).close()
 
     class DetectionInput(JobInput):
         dataset: str
@@ -89,7 +116,7 @@ def test_seed_000_backends_and_publishing() -> None:
 
 
 def test_seed_001_basic_example() -> None:
-    from mindtrace.jobs import Consumer, JobInput, JobOutput, JobSchema, LocalClient, Orchestrator, job_from_schema
+    from mindtrace.jobs import Orchestrator, LocalClient, Consumer, JobSchema, JobInput, JobOutput, job_from_schema  # noqa: I001
 
     # Set up the orchestrator with local backend
     orchestrator = Orchestrator(LocalClient())
@@ -127,7 +154,7 @@ def test_seed_001_basic_example() -> None:
 
 
 def _seed_001_on(backend: object) -> None:
-    from mindtrace.jobs import Consumer, JobInput, JobOutput, JobSchema, Orchestrator, job_from_schema
+    from mindtrace.jobs import Orchestrator, LocalClient, Consumer, JobSchema, JobInput, JobOutput, job_from_schema  # noqa: I001, F401
 
     class ObjectDetectionInput(JobInput):
         image_path: str = "/default/path.jpg"

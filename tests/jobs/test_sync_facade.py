@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -210,3 +211,54 @@ def test_ctrl_c_during_consume_loses_no_job() -> None:
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
         assert out.strip().splitlines()[-1] == "count 3"
+
+
+def _backend_url(backend_name: str, request: pytest.FixtureRequest) -> str:
+    if backend_name == "memory":
+        return "memory://"
+    return str(request.getfixturevalue("redis_url" if backend_name == "redis" else "amqp_url"))
+
+
+def test_ctrl_c_during_receive_message_leaves_no_task_to_take_the_next_job(
+    backend_name: str, request: pytest.FixtureRequest, new_queue: Callable[[str], str]
+) -> None:
+    # Interrupted, the blocking receive must end on the loop thread too: a receive left running there would
+    # take the next job published, ack it and hand it to nobody.
+    with subprocess.Popen(
+        _script(
+            f"""
+            import sys, time
+            from mindtrace.jobs import Orchestrator
+            from tests.jobs.conformance.models import image_schema, make_job
+
+            queue = {new_queue("ctrl-c")!r}
+            orch = Orchestrator({_backend_url(backend_name, request)!r})
+            schema = image_schema(queue)
+            orch.register(schema)
+            print("waiting", flush=True)
+            try:
+                orch.receive_message(queue, timeout=60)
+            except KeyboardInterrupt:
+                orch.publish(queue, make_job(schema, 1))
+                time.sleep(0.5)  # time for a receive left running to take it
+                print("count", orch.count_queue_messages(queue), flush=True)
+                job = orch.receive_message(queue, timeout=5)
+                print("received", job and job.payload.input.image_path, flush=True)
+                orch.delete_queue(queue)
+                orch.close()
+                sys.exit(0)
+            print("receive returned", flush=True)
+            sys.exit(1)
+            """
+        ),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "waiting"
+        time.sleep(0.5)  # the receive is waiting on the broker now
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert out.strip().splitlines()[-2:] == ["count 1", "received /img/1.jpg"], out

@@ -95,14 +95,39 @@ class Receiver(abc.ABC):
     """Claims messages from one queue. Use as ``async with backend.open_receiver(q) as r``.
 
     Closing a receiver returns every message it claimed but did not hand out (prefetched ones) to the queue.
+
+    ``get`` is a template, as the Backend's public methods are: it checks that the receiver and its backend
+    are open and turns the timeout into a deadline once, then calls the ``_get`` primitive a backend
+    implements, which only does I/O. A receiver's ``close`` sets ``_closed``.
     """
 
-    @abc.abstractmethod
+    def __init__(self, backend: Backend, queue: str) -> None:
+        self._backend = backend
+        self._queue = queue
+        self._closed = False
+
+    def _check_open(self) -> None:
+        """ClosedError (or WrongEventLoopError) unless the backend is usable and this receiver is open."""
+        self._backend._check_usable()
+        if self._closed:
+            raise ClosedError(f"receiver on queue {self._queue!r} is closed")
+
     async def get(self, timeout: float | None = None) -> Delivery | None:
         """Claim the next message, waiting up to ``timeout`` seconds (None: until one comes; 0: no wait).
 
         Waiting never polls: the call sleeps until the broker signals a message or the timeout passes.
         Returns None on timeout.
+        """
+        self._check_open()
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + max(0.0, timeout)
+        return await self._get(deadline)
+
+    @abc.abstractmethod
+    async def _get(self, deadline: float | None) -> Delivery | None:
+        """Primitive, I/O only: the next message, waiting until ``deadline`` (event loop time; None: no limit).
+
+        A deadline already past means "no wait": take what is ready now. Returns None once the deadline passes.
+        Called only on an open receiver; a primitive that waits checks ``_check_open()`` again after waiting.
         """
 
     @abc.abstractmethod

@@ -45,14 +45,12 @@ class _Queue:
 
 class _LocalReceiver(Receiver):
     def __init__(self, client: LocalClient, queue: str) -> None:
+        super().__init__(client, queue)
         self._client = client
-        self._queue = queue
 
-    async def get(self, timeout: float | None = None) -> Delivery | None:
+    async def _get(self, deadline: float | None) -> Delivery | None:
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
         while True:
-            self._client._check_usable()
             q = self._client._get_queue(self._queue)
             if q.ready:
                 neg_priority, seq, body = heapq.heappop(q.ready)
@@ -70,6 +68,7 @@ class _LocalReceiver(Receiver):
                 elif q.ready and not waiter.cancelled():
                     # Woken but leaving (cancelled or looping): make sure the wake-up is not lost.
                     q.wake_one()
+            self._check_open()
 
     async def close(self) -> None:
         return None

@@ -403,7 +403,7 @@ async def test_prefetched_and_unsettled_messages_go_back_on_close(redis_url: str
 
 
 def test_every_transition_ships_as_a_lua_file_with_its_keys_and_arguments() -> None:
-    folder = importlib.resources.files("mindtrace.jobs.backends").joinpath("redis_lua")
+    folder = importlib.resources.files("mindtrace.jobs.backends.redis").joinpath("lua")
     names = {entry.name for entry in folder.iterdir() if entry.name.endswith(".lua")}
     assert {"claim.lua", "publish.lua", "ack.lua", "release.lua", "retry.lua", "dead_letter.lua"} <= names
     for name in names - {"lib.lua"}:

@@ -3,7 +3,8 @@
 Run: ``python -m tests.jobs.faults.plant_bugs`` (brokers as for the tests: MINDTRACE_JOBS_REDIS_URL and
 MINDTRACE_JOBS_AMQP_URL). Each plant is a one-spot source change applied to a scratch copy of the
 repository; the guarding tests run against that copy and must fail. The working tree is never touched.
-Exit status 0 when every plant was caught.
+Exit status 0 when every plant was caught by a guard's own assertion (not by a leak warning
+noticed in passing).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ PLANTS = (
     ),
     Plant(
         "no token check on ack",
-        "mindtrace/jobs/backends/redis_lua/ack.lua",
+        "mindtrace/jobs/backends/redis/lua/ack.lua",
         "if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then",
         "if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then -- PLANTED",
         (
@@ -84,12 +85,20 @@ PLANTS = (
 
 
 def _copy_repo(target: Path) -> None:
-    ignore = shutil.ignore_patterns(".git", ".nox", "__pycache__", "*.egg-info", ".mypy_cache", ".ruff_cache")
+    ignore = shutil.ignore_patterns(".git", ".nox", ".venv", "__pycache__", "*.egg-info", ".mypy_cache", ".ruff_cache")
     shutil.copytree(ROOT, target, ignore=ignore)
 
 
-def run_plant(plant: Plant, scratch: Path, timeout: float) -> tuple[bool, str]:
-    """Apply ``plant`` to a fresh copy under ``scratch``, run its tests; (caught, last line of pytest)."""
+#: Failure texts that say a test went red because of a leak noticed in passing, not because of the bug.
+INCIDENTAL = ("ResourceWarning", "PytestUnraisableExceptionWarning", "unclosed")
+
+
+def run_plant(plant: Plant, scratch: Path, timeout: float) -> tuple[str, str]:
+    """Apply ``plant`` to a fresh copy under ``scratch``, run its tests; (verdict, last line of pytest).
+
+    The verdict is "caught" when a guard test failed on an assertion of its own, "incidental" when every
+    failure is a leak warning (the bug went unnoticed by the guard), "missed" when all passed.
+    """
     copy = scratch / plant.name.replace(" ", "_")
     _copy_repo(copy)
     source = copy / plant.path
@@ -97,9 +106,9 @@ def run_plant(plant: Plant, scratch: Path, timeout: float) -> tuple[bool, str]:
     if text.count(plant.old) != 1:
         raise SystemExit(f"plant {plant.name!r}: the spot to change is not found once in {plant.path}")
     source.write_text(text.replace(plant.old, plant.new))
-    env = {**os.environ, "PYTHONPATH": str(copy)}
+    env = {**os.environ, "PYTHONPATH": str(copy), "COLUMNS": "400"}  # summary lines keep their messages
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *plant.tests],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *plant.tests],
         cwd=copy,
         env=env,
         capture_output=True,
@@ -108,9 +117,17 @@ def run_plant(plant: Plant, scratch: Path, timeout: float) -> tuple[bool, str]:
         timeout=timeout,
     )
     lines = [line for line in result.stdout.splitlines() if line.strip()]
-    failed = [line.split(" - ")[0].removeprefix("FAILED ") for line in lines if line.startswith("FAILED ")]
+    failed = [line.removeprefix("FAILED ") for line in lines if line.startswith("FAILED ")]
     summary = lines[-1] if lines else result.stderr.strip()[-200:]
-    return result.returncode != 0, f"{summary}; first failure: {failed[0] if failed else '-'}"
+    own = [line for line in failed if not any(word in line for word in INCIDENTAL)]
+    if result.returncode == 0:
+        verdict = "missed"
+    elif own or not failed:  # not failed: an error outside the tests (collection), reported as is
+        verdict = "caught"
+    else:
+        verdict = "incidental"
+    shown = (own or failed or ["-"])[0][:240]
+    return verdict, f"{summary}; first failure: {shown}"
 
 
 def main() -> int:
@@ -125,10 +142,10 @@ def main() -> int:
             if args.only and plant.name != args.only:
                 continue
             start = time.monotonic()
-            caught, last = run_plant(plant, Path(scratch), args.timeout)
-            missed += not caught
-            verdict = "RED (caught)" if caught else "GREEN (missed!)"
-            print(f"{plant.name:<24} {verdict:<16} {time.monotonic() - start:6.1f}s  {last}", flush=True)
+            verdict, last = run_plant(plant, Path(scratch), args.timeout)
+            missed += verdict != "caught"
+            shown = {"caught": "RED (caught)", "incidental": "RED (by a leak!)", "missed": "GREEN (missed!)"}[verdict]
+            print(f"{plant.name:<24} {shown:<16} {time.monotonic() - start:6.1f}s  {last}", flush=True)
     return 1 if missed else 0
 
 

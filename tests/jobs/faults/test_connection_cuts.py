@@ -217,9 +217,9 @@ async def test_rabbitmq_a_connection_closing_under_a_channel_open_is_a_typed_err
         async with AsyncOrchestrator(client) as orchestrator:
             await orchestrator.register(schema)
             await orchestrator.publish(queue, make_job(schema, 0))
-            assert client._publish_channel is not None and client._connection is not None
-            await client._publish_channel.close()  # so that the next publish opens a channel
-            transport = client._connection.transport
+            assert client._channels.publish_channel is not None and client._channels.connection is not None
+            await client._channels.publish_channel.close()  # so that the next publish opens a channel
+            transport = client._channels.connection.transport
             assert transport is not None
             closing = asyncio.ensure_future(transport.connection.close(AMQPConnectionError("connection lost (test)")))
             for _ in range(pause):

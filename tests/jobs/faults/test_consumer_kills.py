@@ -41,6 +41,8 @@ async def test_killed_consumers_lose_no_job(fault_url: str, queue: str, workers:
         for _ in range(SOAK_KILLS):
             await asyncio.sleep(rng.uniform(0.2, 0.8))
             alive = [p for p in workers.processes if p.poll() is None]
+            exits = [p.returncode for p in workers.processes if p.returncode is not None]
+            assert alive, f"every consumer process died by itself (exit codes {exits}): {ledger.read().summary()}"
             victim = rng.choice(alive)
             victim.send_signal(signal.SIGKILL)
             victim.wait()

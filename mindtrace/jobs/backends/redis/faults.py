@@ -1,8 +1,8 @@
 """How RedisClient meets a server that refuses, stalls, cannot be reached, evicts or is too big to purge at once.
 
-Self-contained helpers RedisClient calls at a few points: the typed refusal of the driver's "no" errors, a
-connect bounded in total time, the eviction-policy check at connect, claims that are never sent twice (and
-recover what a claim whose reply was lost took), and purges in bounded chunks.
+Self-contained helpers that RedisClient and its RedisConnection call at a few points: the typed refusal of
+the driver's "no" errors, a connect bounded in total time, the eviction-policy check at connect, claims that
+are never sent twice (and recover what a claim whose reply was lost took), and purges in bounded chunks.
 """
 
 from __future__ import annotations

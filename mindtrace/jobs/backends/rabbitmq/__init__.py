@@ -1,0 +1,384 @@
+"""RabbitMQClient: jobs over AMQP 0-9-1 with a robust connection, publisher confirms and priority queues.
+
+The package by noun: ``connection`` (robust connection, channels, error boundary), ``publisher`` (confirmed
+publishing), ``receiver`` (claiming), ``topology`` (exchange, queue arguments, priorities, retry buckets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl as _ssl
+from collections.abc import Sequence
+from typing import Any, Final
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
+
+from mindtrace.jobs.backends.base import Backend, Delivery, OutgoingMessage, QueueOptions, Receiver
+from mindtrace.jobs.backends.rabbitmq.connection import _Channels, _on_open_channel, _Secret
+from mindtrace.jobs.backends.rabbitmq.publisher import _Publisher
+from mindtrace.jobs.backends.rabbitmq.receiver import _Claim, _RabbitMQReceiver
+from mindtrace.jobs.backends.rabbitmq.topology import (
+    EXCHANGE,
+    RETRY_BUCKETS_MS,
+    queue_arguments,
+    retry_bucket,
+    retry_queue_arguments,
+    retry_queue_name,
+)
+from mindtrace.jobs.constants import (
+    AMQP_HEARTBEAT,
+    AMQP_RECONNECT_INTERVAL,
+    MAX_PAYLOAD_BYTES,
+    OPERATION_TIMEOUT,
+)
+from mindtrace.jobs.errors import (
+    ConfigurationError,
+    LeaseLostError,
+    QueueConflictError,
+    QueueNotFoundError,
+)
+
+# publish_many sends this many messages before it waits for their confirms.
+_PUBLISH_WINDOW: Final = 256
+
+#: Query options ``from_url`` takes: ``heartbeat`` (an int) anywhere, ``ssl_ca_certs`` (a path) with amqps:// only.
+_URL_OPTIONS: Final = ("heartbeat", "ssl_ca_certs")
+
+
+class RabbitMQClient(Backend):
+    """RabbitMQ backend: durable priority queues, persistent messages, publisher confirms, manual acks.
+
+    Jobs are published to the durable direct exchange ``mindtrace.jobs`` with the queue name as routing key;
+    each queue is declared durable (by default) with ``x-max-priority=19`` (see BROKER_MAX_PRIORITY in
+    ``topology``) and bound under its own name, so priority order holds and a publish to an undeclared queue
+    comes back as QueueNotFoundError. ``publish`` returns only once the broker confirmed the message; a missing confirm
+    raises PublishError.
+
+    A claimed message is held until settled; if its consumer or connection dies the broker delivers it again
+    (no lease timeout). Retries wait in per-delay queues ``<queue>:retry:<ms>`` that hand the job back when
+    its delay has passed. The connection reconnects by itself (aio-pika robust connection) and receivers
+    subscribe again; jobs in flight at a disconnect run again. The password never appears in ``repr``,
+    ``describe()`` or error messages.
+
+    TLS (``ssl=True``, or an ``amqps://`` URL) verifies the broker's certificate and host name against the
+    system's trusted CAs, against the CA bundle file ``ssl_ca_certs`` (which implies TLS; also
+    ``amqps://...?ssl_ca_certs=/path/ca.pem``), or as the ``ssl_context`` you pass (for a client certificate,
+    say) dictates. Pass ``ssl_ca_certs`` or ``ssl_context``, not both.
+    """
+
+    schemes = ("amqp", "amqps")
+
+    # Classic queues only flag a redelivery, so the consumer counts lost runs on the job itself.
+    counts_deliveries = False
+
+    def __init__(
+        self,
+        host: str = "localhost",
+        port: int = 5672,
+        username: str = "guest",
+        password: str = "guest",
+        virtual_host: str = "/",
+        *,
+        ssl: bool = False,
+        ssl_context: _ssl.SSLContext | None = None,
+        ssl_ca_certs: str | None = None,
+        heartbeat: int = AMQP_HEARTBEAT,
+        operation_timeout: float = OPERATION_TIMEOUT,
+        reconnect_interval: float = AMQP_RECONNECT_INTERVAL,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    ) -> None:
+        super().__init__(max_payload_bytes=max_payload_bytes)
+        if not host:
+            raise ConfigurationError("host must not be empty")
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigurationError(f"port must be an int in 1..65535, not {port!r}")
+        if not isinstance(heartbeat, int) or heartbeat < 0:
+            raise ConfigurationError(f"heartbeat must be an int >= 0 (seconds; 0 turns it off), not {heartbeat!r}")
+        if not operation_timeout > 0 or not reconnect_interval > 0:
+            raise ConfigurationError("operation_timeout and reconnect_interval must be positive")
+        if not virtual_host:
+            raise ConfigurationError("virtual_host must not be empty (the default one is '/')")
+        if ssl_ca_certs is not None:
+            if ssl_context is not None:
+                raise ConfigurationError("pass ssl_ca_certs or ssl_context, not both")
+            try:
+                ssl_context = _ssl.create_default_context(cafile=ssl_ca_certs)
+            except (OSError, _ssl.SSLError) as exc:
+                raise ConfigurationError(f"cannot load the CA bundle ssl_ca_certs={ssl_ca_certs!r}: {exc}") from exc
+        self.host = host
+        self.port = port
+        self.username = username
+        self._password = _Secret(password)
+        self.virtual_host = virtual_host
+        self.ssl = ssl or ssl_context is not None
+        self.ssl_ca_certs = ssl_ca_certs
+        self._ssl_context = ssl_context
+        self.heartbeat = heartbeat
+        self.operation_timeout = operation_timeout
+        self.reconnect_interval = reconnect_interval
+        self._channels = _Channels(
+            host=host,
+            port=port,
+            username=username,
+            password=self._password,
+            virtual_host=virtual_host,
+            ssl=self.ssl,
+            ssl_context=ssl_context,
+            heartbeat=heartbeat,
+            operation_timeout=operation_timeout,
+            reconnect_interval=reconnect_interval,
+            backend=self.describe(),
+            is_closed=lambda: self._closed,
+        )
+        self._publisher = _Publisher(self._channels)
+        self._receivers: set[_RabbitMQReceiver] = set()
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> RabbitMQClient:
+        """A client for ``amqp://user:password@host:port/vhost`` (``amqps://`` for TLS).
+
+        Omitted parts take the defaults (guest/guest, port 5672 or 5671, vhost ``/``); the vhost is
+        percent-decoded (``%2F`` is ``/``) and an empty path means ``/``. Query options: ``?heartbeat=N``, and
+        with ``amqps://`` ``?ssl_ca_certs=/path/ca.pem`` (percent-encoded). Keyword arguments go to the
+        constructor and win over the URL.
+        """
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        where = f"{scheme}://{parts.hostname or ''}"
+        if scheme not in cls.schemes:
+            raise ConfigurationError(f"not an AMQP URL (amqp:// or amqps://): {where}")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigurationError(f"invalid port in AMQP URL {where}") from None
+        options: dict[str, Any] = {
+            "host": parts.hostname or "localhost",
+            "port": port or (5671 if scheme == "amqps" else 5672),
+            "username": unquote(parts.username) if parts.username is not None else "guest",
+            "password": unquote(parts.password) if parts.password is not None else "guest",
+            "virtual_host": unquote(parts.path[1:]) if parts.path not in ("", "/") else "/",
+            "ssl": scheme == "amqps",
+        }
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key not in _URL_OPTIONS:
+                raise ConfigurationError(
+                    f"unknown option {key!r} in AMQP URL {where}; known: {', '.join(_URL_OPTIONS)}"
+                )
+            if key == "ssl_ca_certs":
+                if scheme != "amqps":
+                    raise ConfigurationError(f"option ssl_ca_certs needs an amqps:// URL, not {where}")
+                options[key] = value
+                continue
+            try:
+                options[key] = int(value)
+            except ValueError:
+                raise ConfigurationError(f"option {key} in AMQP URL {where} must be an integer") from None
+        options.update(kwargs)
+        return cls(**options)
+
+    def describe(self) -> str:
+        """``amqp://host:port/vhost``, without credentials."""
+        scheme = "amqps" if self.ssl else "amqp"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        vhost = "" if self.virtual_host == "/" else quote(self.virtual_host, safe="")
+        return f"{scheme}://{host}:{self.port}/{vhost}"
+
+    # -- connection --------------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        await self._channels.connect()
+
+    async def _close(self) -> None:
+        for receiver in list(self._receivers):
+            receiver.abandon()
+        self._receivers.clear()
+        await self._channels.close()
+
+    async def _publish(self, queue: str, message: OutgoingMessage) -> None:
+        await self._publisher.send(EXCHANGE, queue, queue, message)
+
+    async def _publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
+        # Confirms are pipelined: a window of messages is written in order before their confirms are awaited.
+        for start in range(0, len(messages), _PUBLISH_WINDOW):
+            window = messages[start : start + _PUBLISH_WINDOW]
+            results = await asyncio.gather(
+                *(self._publisher.send(EXCHANGE, queue, queue, message) for message in window), return_exceptions=True
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+
+    # -- queues --------------------------------------------------------------------------------------
+
+    async def _declare_queue(self, queue: str, options: QueueOptions) -> None:
+        timeout = self.operation_timeout
+        with self._channels.boundary():
+            async with self._channels.ops_channel() as channel:
+                try:
+                    declared = await channel.declare_queue(
+                        queue,
+                        durable=options.durable,
+                        arguments=queue_arguments(),
+                        timeout=timeout,
+                    )
+                except ChannelPreconditionFailed as exc:
+                    raise QueueConflictError(
+                        f"queue {queue!r} already exists with other options than {options} "
+                        f"(or was not created by mindtrace.jobs): {exc}",
+                        queue=queue,
+                    ) from exc
+                await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True, timeout=timeout)
+                await declared.bind(EXCHANGE, routing_key=queue, timeout=timeout)
+
+    async def _queue_exists(self, queue: str) -> bool:
+        with self._channels.boundary():
+            async with self._channels.ops_channel() as channel:
+                try:
+                    await channel.declare_queue(queue, passive=True, timeout=self.operation_timeout)
+                except ChannelNotFoundEntity:
+                    return False
+                return True
+
+    async def _count(self, queue: str) -> int:
+        with self._channels.boundary():
+            async with self._channels.ops_channel() as channel:
+                try:
+                    declared = await channel.declare_queue(queue, passive=True, timeout=self.operation_timeout)
+                except ChannelNotFoundEntity as exc:
+                    raise QueueNotFoundError(queue) from exc
+                return int(declared.declaration_result.message_count or 0)
+
+    async def _purge(self, queue: str) -> int:
+        with self._channels.boundary():
+            async with self._channels.ops_channel() as channel:
+                underlay = await channel.get_underlay_channel()
+                try:
+                    result = await underlay.queue_purge(queue, timeout=self.operation_timeout)
+                except ChannelNotFoundEntity as exc:
+                    raise QueueNotFoundError(queue) from exc
+                return int(result.message_count or 0)
+
+    async def _delete_queue(self, queue: str) -> None:
+        with self._channels.boundary():
+            async with self._channels.ops_channel() as channel:
+                underlay = await channel.get_underlay_channel()
+                # Any retry queue may exist (another process may have made it): delete each without waiting;
+                # the broker answers the final delete only after it handled every one before it.
+                for bucket in RETRY_BUCKETS_MS:
+                    await underlay.queue_delete(retry_queue_name(queue, bucket), nowait=True)
+                await underlay.queue_delete(queue, timeout=self.operation_timeout)
+
+    async def _declare_retry_queue(self, queue: str, bucket_ms: int) -> str:
+        # Declared on every retry: that renews its x-expires, which counts from the last declare.
+        name = retry_queue_name(queue, bucket_ms)
+        with self._channels.boundary():
+            async with self._channels.ops_channel() as channel:
+                await channel.declare_queue(
+                    name,
+                    durable=True,
+                    arguments=retry_queue_arguments(queue, bucket_ms),
+                    timeout=self.operation_timeout,
+                )
+        return name
+
+    # -- claiming and settling -----------------------------------------------------------------------
+
+    async def _open_receiver(self, queue: str, prefetch: int) -> Receiver:
+        if not await self._queue_exists(queue):
+            raise QueueNotFoundError(queue)
+        with self._channels.boundary():
+            channel = await self._channels.open_channel(prefetch=prefetch)
+        receiver = _RabbitMQReceiver(
+            self,
+            queue,
+            prefetch,
+            channel,
+            channels=self._channels,
+            publisher=self._publisher,
+            forget=self._receivers.discard,
+        )
+        try:
+            with self._channels.boundary():
+                await receiver.watch(channel)
+        except BaseException:
+            await self._channels.discard(channel)
+            raise
+        self._receivers.add(receiver)
+        return receiver
+
+    @staticmethod
+    def _message(delivery: Delivery) -> AbstractIncomingMessage:
+        message: AbstractIncomingMessage = delivery.handle
+        return message
+
+    async def _settled(self, delivery: Delivery) -> None:
+        receiver = delivery.receiver if isinstance(delivery, _Claim) else None
+        if receiver is not None:
+            await receiver.settled(delivery)
+
+    def _check_held(self, delivery: Delivery) -> None:
+        if not _on_open_channel(self._message(delivery)):
+            raise LeaseLostError(queue=delivery.queue, job_id=None, backend=self.describe())
+
+    async def _ack(self, delivery: Delivery) -> None:
+        try:
+            self._check_held(delivery)
+            # No operation_timeout here: basic.ack has no answer from the broker. aio-pika's ack() only waits
+            # for the connection's writer to hand the frame to the socket; a socket that stops draining is a
+            # dead connection, which the heartbeat closes, failing the ack (as a lost connection) with it.
+            try:
+                await self._message(delivery).ack()
+            except Exception:
+                with self._channels.boundary():  # translated only on failure: no context manager per ack
+                    raise
+        finally:
+            await self._settled(delivery)
+
+    async def _release(self, delivery: Delivery) -> None:
+        try:
+            message = self._message(delivery)
+            if _on_open_channel(message):  # else the closed channel gave it back already
+                await self._publisher.return_message(message, delivery.queue)
+        finally:
+            await self._settled(delivery)
+
+    async def _give_back(self, delivery: Delivery) -> None:
+        """Best effort after a failed settle: the message must not stay held (it would block the prefetch)."""
+        with contextlib.suppress(Exception):
+            await self._channels.timed(self._message(delivery).nack(requeue=True))
+        await self._settled(delivery)
+
+    async def _retry(self, delivery: Delivery, message: OutgoingMessage, delay: float) -> None:
+        self._check_held(delivery)
+        try:
+            if delay <= 0:
+                await self._publisher.send(EXCHANGE, delivery.queue, delivery.queue, message)
+            else:
+                bucket_ms, delay_ms = retry_bucket(delay)
+                name = await self._declare_retry_queue(delivery.queue, bucket_ms)
+                await self._publisher.send("", name, delivery.queue, message, expiration_ms=delay_ms)
+        except BaseException:
+            await self._give_back(delivery)
+            raise
+        await self._ack(delivery)
+
+    async def _dead_letter(self, delivery: Delivery, dead_letter_queue: str, message: OutgoingMessage) -> None:
+        self._check_held(delivery)
+        try:
+            try:
+                await self._publisher.send(EXCHANGE, dead_letter_queue, dead_letter_queue, message)
+            except QueueNotFoundError:
+                # The dead-letter queue was deleted on its own: make it again rather than lose the job.
+                await self._declare_queue(dead_letter_queue, QueueOptions())
+                await self._publisher.send(EXCHANGE, dead_letter_queue, dead_letter_queue, message)
+        except BaseException:
+            await self._give_back(delivery)
+            raise
+        await self._ack(delivery)
+
+
+__all__ = ["EXCHANGE", "RETRY_BUCKETS_MS", "RabbitMQClient", "retry_bucket", "retry_queue_name"]

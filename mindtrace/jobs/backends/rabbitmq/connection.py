@@ -1,0 +1,284 @@
+"""The RabbitMQ connection of a RabbitMQClient: the robust connection, its channels, and the error boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl as _ssl
+import sys
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Final, TypeVar
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.channel import Channel
+from aio_pika.connection import make_url
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aiormq.exceptions import (
+    AMQPConnectionError,
+    AMQPError,
+    AuthenticationError,
+    ChannelInvalidStateError,
+    ProbableAuthenticationError,
+)
+
+from mindtrace.jobs.backends.rabbitmq.topology import EXCHANGE
+from mindtrace.jobs.errors import (
+    BackendError,
+    BackendUnavailableError,
+    ClosedError,
+    JobsError,
+    translate_driver_errors,
+)
+
+_T = TypeVar("_T")
+
+# Idle operation channels kept open for reuse.
+_IDLE_CHANNELS: Final = 4
+
+# Driver errors that mean the broker could not be reached or the connection went away under an operation.
+_CONNECTION_ERRORS: Final = (AMQPConnectionError, OSError, asyncio.TimeoutError, ChannelInvalidStateError)
+
+
+def _lost_connection(error: BaseException) -> bool:
+    """Whether ``error`` is one of the untyped ways the driver reports a connection closing under an operation.
+
+    aiormq raises ``RuntimeError("<Connection ...> closed")`` when the connection closed between aio-pika's
+    "ready" and a channel open, and rejects operations pending on a closing connection with a bare
+    ``Exception``. Only errors raised inside the driver count, so a bug of ours is never relabelled.
+    """
+    if type(error) not in (Exception, RuntimeError):
+        return False
+    frames = list(traceback.walk_tb(error.__traceback__))
+    module = str(frames[-1][0].f_globals.get("__name__", "")) if frames else ""
+    return module.split(".")[0] in {"aiormq", "aio_pika"}
+
+
+class _Secret:
+    """A password that never shows in a repr, a log line or a traceback's locals."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The password itself, for the driver only."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "'********'"
+
+
+def _on_open_channel(message: AbstractIncomingMessage) -> bool:
+    """Whether the channel ``message`` came on is open: once it closed, the broker took the message back."""
+    try:
+        return not message.channel.is_closed
+    except ChannelInvalidStateError:
+        return False
+
+
+class _Channels:
+    """The robust connection of one RabbitMQClient, its channels, and the boundary where driver errors
+    become ours.
+
+    Operations (declare, count, purge, delete) take a pooled channel each (``ops_channel``); publishes go on
+    one channel with publisher confirms (``confirm_channel``); each receiver opens a channel of its own
+    (``open_channel``). ``backend`` is the client's ``describe()``, for messages; ``is_closed`` tells whether
+    the client was closed.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        username: str,
+        password: _Secret,
+        virtual_host: str,
+        ssl: bool,
+        ssl_context: _ssl.SSLContext | None,
+        heartbeat: int,
+        operation_timeout: float,
+        reconnect_interval: float,
+        backend: str,
+        is_closed: Callable[[], bool],
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.username = username
+        self._password = password
+        self.virtual_host = virtual_host
+        self.ssl = ssl
+        self._ssl_context = ssl_context
+        self.heartbeat = heartbeat
+        self.operation_timeout = operation_timeout
+        self.reconnect_interval = reconnect_interval
+        self.backend = backend
+        self._is_closed = is_closed
+        #: The robust connection, between ``connect()`` and ``close()``.
+        self.connection: aio_pika.RobustConnection | None = None
+        self._idle_channels: list[AbstractChannel] = []
+        #: The channel publishes go on (see ``confirm_channel``), once opened.
+        self.publish_channel: AbstractChannel | None = None
+        self._publish_lock = asyncio.Lock()
+
+    @contextlib.contextmanager
+    def boundary(self) -> Iterator[None]:
+        """The one place driver errors become ours: connection trouble, then any other AMQP error."""
+        try:
+            with translate_driver_errors(
+                host=self.host, port=self.port, backend=self.backend, connection_errors=_CONNECTION_ERRORS
+            ):
+                try:
+                    yield
+                except asyncio.TimeoutError as exc:
+                    raise BackendUnavailableError(
+                        f"no answer from {self.backend} within {self.operation_timeout:g}s",
+                        host=self.host,
+                        port=self.port,
+                        backend=self.backend,
+                    ) from exc
+        except JobsError:
+            raise
+        except AMQPError as exc:
+            raise BackendError(f"{self.backend}: {type(exc).__name__}: {exc}", backend=self.backend) from exc
+        except Exception as exc:
+            if not _lost_connection(exc):
+                raise
+            raise BackendUnavailableError(
+                f"lost the connection to {self.backend} during the operation: {type(exc).__name__}: {exc}",
+                host=self.host,
+                port=self.port,
+                backend=self.backend,
+            ) from exc
+
+    async def timed(self, operation: Awaitable[_T]) -> _T:
+        """``operation`` bounded by ``operation_timeout`` (TimeoutError), without a task per call on 3.11+."""
+        if sys.version_info >= (3, 11):
+            async with asyncio.timeout(self.operation_timeout):
+                return await operation
+        return await asyncio.wait_for(operation, self.operation_timeout)
+
+    async def connect(self) -> None:
+        """Open the robust connection and declare the exchange; BackendError if the broker refuses the login."""
+        url = make_url(
+            host=self.host,
+            port=self.port,
+            login=self.username,
+            password=self._password.reveal(),
+            virtualhost=self.virtual_host,
+            ssl=self.ssl,
+            heartbeat=self.heartbeat,
+            reconnect_interval=self.reconnect_interval,
+        )
+        connection = aio_pika.RobustConnection(
+            url, ssl_context=self._ssl_context, client_properties={"connection_name": "mindtrace.jobs"}
+        )
+        try:
+            with translate_driver_errors(
+                host=self.host,
+                port=self.port,
+                backend=self.backend,
+                connection_errors=(*CONNECTION_EXCEPTIONS, asyncio.TimeoutError),
+            ):
+                try:
+                    await connection.connect(timeout=self.operation_timeout)
+                except (AuthenticationError, ProbableAuthenticationError) as exc:
+                    # The broker answered and refused the login: unlike an unreachable broker, waiting cannot help.
+                    raise BackendError(f"{self.backend} refused the credentials: {exc}", backend=self.backend) from exc
+        except BaseException:
+            await self._close_connection(connection)
+            raise
+        self.connection = connection
+        try:
+            with self.boundary():
+                async with self.ops_channel() as channel:
+                    await channel.declare_exchange(
+                        EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True, timeout=self.operation_timeout
+                    )
+        except BaseException:
+            self.connection = None
+            await self._close_connection(connection)
+            raise
+
+    async def _close_connection(self, connection: aio_pika.RobustConnection) -> None:
+        with contextlib.suppress(Exception):
+            await self.timed(connection.close())
+
+    async def close(self) -> None:
+        """Close the connection, forgetting its channels (closing it closes them)."""
+        connection, self.connection = self.connection, None
+        self._idle_channels.clear()
+        self.publish_channel = None
+        if connection is not None:
+            await self._close_connection(connection)
+
+    async def ready_connection(self) -> aio_pika.RobustConnection:
+        """The connection, once (re)connected within ``operation_timeout``; ClosedError after ``close()``."""
+        connection = self.connection
+        if connection is None or self._is_closed():
+            raise ClosedError(f"{self.backend} is closed")
+        if not connection.connected.is_set():
+            try:
+                await self.timed(connection.ready())
+            except asyncio.TimeoutError:
+                raise BackendUnavailableError(
+                    f"lost the connection to {self.backend} and could not reconnect within {self.operation_timeout:g}s",
+                    host=self.host,
+                    port=self.port,
+                    backend=self.backend,
+                ) from None
+        return connection
+
+    async def open_channel(self, *, confirms: bool = False, prefetch: int | None = None) -> AbstractChannel:
+        """A new channel; with ``confirms``, publishes wait for the broker's ack and unroutable ones raise."""
+        connection = await self.ready_connection()
+        channel = Channel(connection, publisher_confirms=confirms, on_return_raises=confirms)
+        try:
+            await self.timed(channel.initialize())
+            if prefetch is not None:
+                await channel.set_qos(prefetch_count=prefetch, timeout=self.operation_timeout)
+        except BaseException:
+            await self.discard(channel)
+            raise
+        return channel
+
+    async def discard(self, channel: AbstractChannel) -> None:
+        """Close ``channel`` if open, ignoring errors (best effort, bounded by ``operation_timeout``)."""
+        if not channel.is_closed:
+            with contextlib.suppress(Exception):
+                await self.timed(channel.close())
+
+    @contextlib.asynccontextmanager
+    async def ops_channel(self) -> AsyncIterator[AbstractChannel]:
+        """A channel for one operation at a time: an error that closes it (404, 406) harms nothing else."""
+        channel = None
+        while self._idle_channels and channel is None:
+            candidate = self._idle_channels.pop()
+            if not candidate.is_closed:
+                channel = candidate
+        if channel is None:
+            channel = await self.open_channel()
+        reusable = False
+        try:
+            yield channel
+            reusable = True
+        finally:
+            pooled = len(self._idle_channels) < _IDLE_CHANNELS
+            if reusable and pooled and not channel.is_closed and not self._is_closed():
+                self._idle_channels.append(channel)
+            else:
+                await self.discard(channel)
+
+    async def confirm_channel(self) -> AbstractChannel:
+        """The channel publishes go on (publisher confirms), opened again if it closed."""
+        channel = self.publish_channel
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._publish_lock:
+            channel = self.publish_channel
+            if channel is None or channel.is_closed:
+                channel = self.publish_channel = await self.open_channel(confirms=True)
+            return channel

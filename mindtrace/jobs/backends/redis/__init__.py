@@ -1,0 +1,380 @@
+"""RedisClient: queues as hash-tagged Redis keys, changed only by the atomic Lua scripts in ``lua/``.
+
+The package by noun: ``connection`` (redis-py clients, error boundary, script runner), ``keys`` (key layout,
+leases, priority ranks), ``receiver`` (claiming and waiting on wake lists), ``faults`` (refusals, the bounded
+connect, the eviction-policy check, claims sent once, chunked purges), ``lua/`` (one script per transition).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import logging
+import math
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from mindtrace.jobs.backends.base import Backend, Delivery, OutgoingMessage, QueueOptions, Receiver
+from mindtrace.jobs.backends.redis.connection import (
+    _RETRY_BASE,
+    _RETRY_CAP,
+    RedisConnection,
+    check_tls_options,
+    parse_url,
+)
+from mindtrace.jobs.backends.redis.faults import claim_sent_once, purge_in_chunks
+from mindtrace.jobs.backends.redis.keys import _job_id, _Keys, _keys_of, _Lease, _priority_of
+from mindtrace.jobs.backends.redis.receiver import _RedisReceiver, _Wakes
+from mindtrace.jobs.constants import (
+    CONNECT_TIMEOUT,
+    MAX_PAYLOAD_BYTES,
+    OPERATION_TIMEOUT,
+    REDIS_CONNECTION_RETRIES,
+    REDIS_KEY_PREFIX,
+    VISIBILITY_TIMEOUT,
+)
+from mindtrace.jobs.errors import (
+    ConfigurationError,
+    JobsError,
+    LeaseLostError,
+    QueueConflictError,
+    QueueNotFoundError,
+)
+
+logger = logging.getLogger("mindtrace.jobs")
+
+#: Messages per publish script call; bigger batches go as several calls in one MULTI/EXEC transaction.
+_PUBLISH_CHUNK = 500
+
+
+class RedisClient(Backend):
+    """Redis backend (``redis://`` or ``rediss://``): durable queues with leases, priorities and no polling.
+
+    Each queue is a set of keys under ``key_prefix`` sharing one hash tag (a queue and its dead-letter
+    queue too), changed only by atomic Lua scripts, one per transition. Delivery is at least once: a
+    claimed job is leased for ``visibility_timeout`` seconds, renewed by the consumer while it runs; if its
+    holder dies the job is claimable again once the lease ends, and the old holder can no longer ack it
+    (LeaseLostError). Priority order, then FIFO. Idle receivers block on Redis, they do not poll. What
+    survives a server restart is what the server persists (use ``appendonly yes``). Commands are retried
+    with exponential backoff ``connection_retries`` times before BackendUnavailableError. Connecting gives
+    up after ``connect_timeout`` seconds in total (CONNECT_TIMEOUT, 10 s, by default: attempts and backoff
+    together) with a BackendUnavailableError saying what was tried for how long; a server that answers and
+    refuses (credentials, ACL permissions, database number) raises BackendRefusedError at once. A server
+    whose ``maxmemory-policy`` is ``allkeys-*`` (it would evict queued jobs) is refused with a
+    ConfigurationError at connect. The password never appears in ``repr``, ``describe()`` or errors.
+
+    TLS (``ssl=True``, or a ``rediss://`` URL) verifies the server's certificate and host name against the
+    system's trusted CAs, or against the CA bundle file ``ssl_ca_certs`` (which implies TLS).
+    ``ssl_cert_reqs`` is ``"required"`` (the default), ``"optional"`` or ``"none"`` (no verification).
+    A certificate that fails verification is a BackendUnavailableError at once, without retries.
+    """
+
+    schemes = ("redis", "rediss")
+
+    def __init__(
+        self,
+        host: str = "localhost",
+        port: int = 6379,
+        db: int = 0,
+        password: str | None = None,
+        *,
+        username: str | None = None,
+        ssl: bool = False,
+        ssl_ca_certs: str | None = None,
+        ssl_cert_reqs: str = "required",
+        key_prefix: str = REDIS_KEY_PREFIX,
+        visibility_timeout: float = VISIBILITY_TIMEOUT,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        operation_timeout: float = OPERATION_TIMEOUT,
+        connection_retries: int = REDIS_CONNECTION_RETRIES,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        super().__init__(max_payload_bytes=max_payload_bytes)
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigurationError(f"port must be an int in 1..65535, not {port!r}")
+        if not isinstance(db, int) or db < 0:
+            raise ConfigurationError(f"db must be an int >= 0, not {db!r}")
+        if "{" in key_prefix or "}" in key_prefix:
+            raise ConfigurationError(f"key_prefix {key_prefix!r} must not hold braces: they mark cluster hash tags")
+        if not visibility_timeout > 0 or math.isinf(visibility_timeout):
+            raise ConfigurationError(
+                f"visibility_timeout must be a positive number of seconds, not {visibility_timeout}"
+            )
+        if not operation_timeout > 0:
+            raise ConfigurationError(f"operation_timeout must be positive, not {operation_timeout}")
+        if not connect_timeout > 0 or math.isinf(connect_timeout):
+            raise ConfigurationError(f"connect_timeout must be a positive number of seconds, not {connect_timeout}")
+        if connection_retries < 0:
+            raise ConfigurationError(f"connection_retries must be >= 0, not {connection_retries}")
+        check_tls_options(ssl_ca_certs, ssl_cert_reqs)
+        self.host = host
+        self.port = port
+        self.db = db
+        self.username = username
+        self.ssl = ssl or ssl_ca_certs is not None
+        self.ssl_ca_certs = ssl_ca_certs
+        self.ssl_cert_reqs = ssl_cert_reqs
+        self.key_prefix = key_prefix
+        self.visibility_timeout = float(visibility_timeout)
+        self.lease_timeout = self.visibility_timeout
+        self.operation_timeout = float(operation_timeout)
+        self.connection_retries = connection_retries
+        self.connect_timeout = float(connect_timeout)
+        # Kept apart from the public attributes: only the driver ever sees it.
+        self._password = password
+        self._connection = RedisConnection(
+            host=host,
+            port=port,
+            db=db,
+            username=username,
+            password=password,
+            ssl=self.ssl,
+            ssl_ca_certs=ssl_ca_certs,
+            ssl_cert_reqs=ssl_cert_reqs,
+            operation_timeout=self.operation_timeout,
+            connection_retries=connection_retries,
+            backend=self.describe(),
+            connect_timeout=self.connect_timeout,
+        )
+        self._wakes = _Wakes(self._connection, self.operation_timeout)
+        self._claims: set[asyncio.Task[Any]] = set()
+        self._held: weakref.WeakSet[Delivery] = weakref.WeakSet()
+        # Per queue: tokens of claims whose answer was lost; the next claim adopts what they hold.
+        self._doubtful: dict[str, dict[str, int]] = {}
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> RedisClient:
+        """A client for ``redis://[[user]:password@]host[:port][/db]`` (``rediss://`` for TLS).
+
+        User and password are percent-decoded. Any Redis URL takes ``connect_timeout`` (seconds) as a query
+        parameter, e.g. ``redis://host:6379/0?connect_timeout=3``. A ``rediss://`` URL also takes the TLS
+        options ``ssl_ca_certs`` (path of a CA bundle) and ``ssl_cert_reqs``, e.g.
+        ``rediss://host:6380/0?ssl_ca_certs=/etc/ssl/my-ca.pem``; no other query is accepted. Keyword
+        arguments are passed to the constructor and win over the URL. Errors never repeat the URL, which may
+        hold a password.
+        """
+        options = parse_url(url, cls.schemes)
+        options.update(kwargs)
+        return cls(**options)
+
+    def describe(self) -> str:
+        """``redis://host:port/db`` (``rediss://`` with TLS); never the user or password."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'rediss' if self.ssl else 'redis'}://{host}:{self.port}/{self.db}"
+
+    # -- plumbing ------------------------------------------------------------------------------------
+
+    def _keys(self, queue: str) -> _Keys:
+        return _keys_of(self.key_prefix, queue)
+
+    async def _connect(self) -> None:
+        await self._connection.connect()
+
+    async def _close(self) -> None:
+        reads = self._wakes.stop()
+        await asyncio.gather(
+            *reads, *self._claims, *self._wakes.tasks(), *self._connection.tasks(), return_exceptions=True
+        )
+        unsettled = [delivery for delivery in self._held if not delivery.settled]
+        if unsettled:
+            await self._give_back(unsettled)
+        # A read cut short may have taken a wake-up meant for a receiver elsewhere: pass it on.
+        for keys in set(reads.values()):
+            await self._wakes.push(keys)
+        await self._connection.close()
+
+    async def _claim(self, queue: str, keys: _Keys, count: int, into: collections.deque[Delivery]) -> float | None:
+        """Claim up to ``count`` messages into ``into``; seconds until the next deadline, None if none."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._claims.add(task)
+        try:
+            lease_ms = math.ceil(self.visibility_timeout * 1000)
+            script_keys = [
+                *(keys.meta, keys.ready, keys.delayed, keys.leases, keys.bodies),
+                *(keys.tokens, keys.ranks, keys.deliveries, keys.wake),
+            ]
+
+            async def run(token: str, doubtful: list[str]) -> Any:
+                return await self._connection.run_once("claim", script_keys, [count, lease_ms, token, *doubtful])
+
+            with self._connection.io():
+                token, reply = await claim_sent_once(
+                    run,
+                    self._doubtful.setdefault(queue, {}),
+                    retries=self.connection_retries,
+                    backoff_base=_RETRY_BASE,
+                    backoff_cap=_RETRY_CAP,
+                )
+        finally:
+            if task is not None:
+                self._claims.discard(task)
+        if reply[0] == 0:
+            raise QueueNotFoundError(queue)
+        for i in range(2, len(reply), 4):
+            message_id, body, rank, deliveries = reply[i : i + 4]
+            delivery = Delivery(
+                queue, body, _priority_of(rank), handle=_Lease(message_id, token), delivery_count=int(deliveries)
+            )
+            self._held.add(delivery)
+            into.append(delivery)
+        wait_ms = int(reply[1])
+        return None if wait_ms < 0 else wait_ms / 1000
+
+    async def _give_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Release claimed messages that were never handed out (best effort: leases expire anyway)."""
+        for delivery in deliveries:
+            delivery.settled = True
+        try:
+            await asyncio.wait_for(self._release_all(deliveries), self.operation_timeout)
+        except (JobsError, asyncio.TimeoutError) as exc:
+            logger.warning(
+                "could not give back %d claimed message(s) to %s; they return when their leases end: %s",
+                len(deliveries),
+                self.describe(),
+                exc,
+            )
+
+    async def _release_all(self, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            await self._release(delivery)
+
+    def _lease_lost(self, delivery: Delivery, job_id: str | None = None) -> LeaseLostError:
+        return LeaseLostError(queue=delivery.queue, job_id=job_id or _job_id(delivery.body), backend=self.describe())
+
+    # -- primitives ----------------------------------------------------------------------------------
+
+    async def _declare_queue(self, queue: str, options: QueueOptions) -> None:
+        encoded = json.dumps(dataclasses.asdict(options), sort_keys=True, separators=(",", ":"))
+        existing = await self._connection.run("declare", [self._keys(queue).meta], [encoded])
+        if existing != 1:
+            raise QueueConflictError(
+                f"queue {queue!r} exists with options {existing.decode(errors='replace')}, not {encoded}", queue=queue
+            )
+
+    async def _queue_exists(self, queue: str) -> bool:
+        with self._connection.io():
+            return bool(await self._connection.commands.exists(self._keys(queue).meta))
+
+    async def _publish(self, queue: str, message: OutgoingMessage) -> None:
+        await self._publish_many(queue, [message])
+
+    async def _publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
+        keys = self._keys(queue)
+        script_keys = [keys.meta, keys.sequence, keys.ready, keys.bodies, keys.wake]
+        chunks = [messages[i : i + _PUBLISH_CHUNK] for i in range(0, len(messages), _PUBLISH_CHUNK)]
+
+        def args(chunk: Sequence[OutgoingMessage]) -> list[Any]:
+            return [value for message in chunk for value in (message.priority, message.job_id, message.body)]
+
+        if len(chunks) == 1:
+            queued = [await self._connection.run("publish", script_keys, args(chunks[0]))]
+        else:
+            # One transaction: all chunks are queued, or (undeclared queue) none.
+            with self._connection.io():
+                async with self._connection.commands.pipeline(transaction=True) as pipe:
+                    for chunk in chunks:
+                        await self._connection.script("publish")(keys=script_keys, args=args(chunk), client=pipe)
+                    queued = await pipe.execute()
+        if queued[0] < 0:
+            raise QueueNotFoundError(queue)
+
+    async def _open_receiver(self, queue: str, prefetch: int) -> Receiver:
+        return _RedisReceiver(
+            self,
+            queue,
+            prefetch,
+            keys=self._keys(queue),
+            claim=self._claim,
+            give_back=self._give_back,
+            wakes=self._wakes,
+            visibility_timeout=self.visibility_timeout,
+        )
+
+    async def _ack(self, delivery: Delivery) -> None:
+        self._held.discard(delivery)
+        keys, lease = self._keys(delivery.queue), delivery.handle
+        done = await self._connection.run(
+            "ack",
+            [keys.leases, keys.tokens, keys.ranks, keys.bodies, keys.deliveries],
+            [lease.message_id, lease.token],
+        )
+        if done < 0:
+            raise self._lease_lost(delivery)
+
+    async def _release(self, delivery: Delivery) -> None:
+        # A lost lease needs nothing: the message is already back in the queue or held by someone else.
+        self._held.discard(delivery)
+        keys, lease = self._keys(delivery.queue), delivery.handle
+        await self._connection.run(
+            "release",
+            [keys.ready, keys.leases, keys.tokens, keys.ranks, keys.deliveries, keys.wake],
+            [lease.message_id, lease.token],
+        )
+
+    async def _retry(self, delivery: Delivery, message: OutgoingMessage, delay: float) -> None:
+        self._held.discard(delivery)
+        keys, lease = self._keys(delivery.queue), delivery.handle
+        done = await self._connection.run(
+            "retry",
+            [
+                *(keys.sequence, keys.ready, keys.delayed, keys.leases, keys.bodies),
+                *(keys.tokens, keys.ranks, keys.deliveries, keys.wake),
+            ],
+            [lease.message_id, lease.token, message.priority, message.body, math.ceil(delay * 1000)],
+        )
+        if done < 0:
+            raise self._lease_lost(delivery, message.job_id)
+
+    async def _dead_letter(self, delivery: Delivery, dead_letter_queue: str, message: OutgoingMessage) -> None:
+        self._held.discard(delivery)
+        keys, dead, lease = self._keys(delivery.queue), self._keys(dead_letter_queue), delivery.handle
+        done = await self._connection.run(
+            "dead_letter",
+            [
+                *(keys.leases, keys.tokens, keys.ranks, keys.bodies, keys.deliveries, keys.meta),
+                *(dead.meta, dead.sequence, dead.ready, dead.bodies, dead.wake),
+            ],
+            [lease.message_id, lease.token, message.priority, message.body],
+        )
+        if done < 0:
+            raise self._lease_lost(delivery, message.job_id)
+
+    async def _extend(self, delivery: Delivery, seconds: float) -> None:
+        keys, lease = self._keys(delivery.queue), delivery.handle
+        done = await self._connection.run(
+            "extend", [keys.leases, keys.tokens], [lease.message_id, lease.token, math.ceil(seconds * 1000)]
+        )
+        if done < 0:
+            raise self._lease_lost(delivery)
+
+    async def _count(self, queue: str) -> int:
+        keys = self._keys(queue)
+        count = await self._connection.run(
+            "count", [keys.meta, keys.ready, keys.delayed, keys.leases, keys.tokens, keys.ranks, keys.wake], []
+        )
+        if count < 0:
+            raise QueueNotFoundError(queue)
+        return int(count)
+
+    async def _purge(self, queue: str) -> int:
+        keys = self._keys(queue)
+        script_keys = [
+            *(keys.meta, keys.ready, keys.delayed, keys.leases, keys.tokens, keys.ranks, keys.bodies, keys.deliveries)
+        ]
+
+        async def run_chunk(chunk: int) -> int:
+            return int(await self._connection.run("purge", script_keys, [chunk]))
+
+        removed = await purge_in_chunks(run_chunk)
+        if removed < 0:
+            raise QueueNotFoundError(queue)
+        return int(removed)
+
+    async def _delete_queue(self, queue: str) -> None:
+        # One command, so atomic: every key of the queue goes at once.
+        with self._connection.io():
+            await self._connection.commands.unlink(*self._keys(queue).all())
