@@ -14,6 +14,7 @@ from mindtrace.jobs.backends.base import Delivery, Receiver, dead_letter_queue_n
 from mindtrace.jobs.constants import MAX_RETRIES, MAX_RETRY_DELAY, RETRY_BACKOFF, RETRY_DELAY
 from mindtrace.jobs.errors import (
     BackendError,
+    BackendRefusedError,
     BackendUnavailableError,
     ConfigurationError,
     DecodeError,
@@ -173,6 +174,16 @@ class AsyncConsumer(abc.ABC):
                 await self._declare_lost_queue(delay)
                 delay = min(delay * 2, _RECONNECT_MAX_DELAY)
                 continue
+            except BackendError as exc:
+                # The broker answered with an error that may pass (Redis full, BUSY with another client's
+                # script, MISCONF after a failed save): wait and claim again. A refusal cannot pass.
+                if isinstance(exc, BackendRefusedError):
+                    raise
+                budget.give_back()
+                logger.warning("consumer of %r got a broker error, retrying in %.1fs: %s", self.queue_name, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RECONNECT_MAX_DELAY)
+                continue
             if delivery is None:
                 budget.give_back()
                 continue
@@ -186,7 +197,9 @@ class AsyncConsumer(abc.ABC):
         try:
             if await self.orchestrator.ensure_queue(self.queue_name, refresh=True):
                 logger.warning("queue %r was gone from the broker: declared it again, consuming on", self.queue_name)
-        except BackendUnavailableError as exc:  # the broker is still coming back: the claim loop retries
+        except BackendError as exc:  # the broker is still coming back, or full: the claim loop retries
+            if isinstance(exc, BackendRefusedError):
+                raise
             logger.warning("consumer of %r could not declare its lost queue yet: %s", self.queue_name, exc)
         await asyncio.sleep(delay)
 

@@ -20,7 +20,7 @@ from redis.crc import key_slot
 from mindtrace.jobs import (
     AsyncConsumer,
     AsyncOrchestrator,
-    BackendError,
+    BackendRefusedError,
     BackendUnavailableError,
     ConfigurationError,
     Job,
@@ -289,8 +289,9 @@ async def test_every_key_is_under_the_prefix_and_hash_tag_and_delete_removes_the
     prefix = f"mindtrace-test-{uuid.uuid4().hex[:8]}:"
     async with _client(redis_url, queue, key_prefix=prefix) as backend, _raw(redis_url) as raw:
         await backend.declare_queue(queue)
-        job = make_job(image_schema(queue), 1)
-        await backend.publish_many(queue, [outgoing(job)] * 4)
+        jobs = [make_job(image_schema(queue), i) for i in range(4)]
+        job = jobs[0]
+        await backend.publish_many(queue, [outgoing(each) for each in jobs])
         async with await backend.open_receiver(queue, prefetch=3) as receiver:
             retried, held, dead = [await receiver.get(0) for _ in range(3)]
             assert retried is not None and held is not None and dead is not None
@@ -472,10 +473,11 @@ async def test_the_password_reaches_the_server_and_a_wrong_one_is_not_shown(queu
             assert await backend.queue_exists(queue)
         wrong = RedisClient.from_url(f"redis://:not-{PASSWORD}@127.0.0.1:{server.port}/0")
         started = time.monotonic()
-        with pytest.raises(BackendError) as info:
+        with pytest.raises(BackendRefusedError) as info:
             await wrong.connect()
         assert time.monotonic() - started < 1, "refused credentials are not retried"
         assert not isinstance(info.value, BackendUnavailableError)
+        assert info.value.refused == "credentials"
         assert "refused the credentials" in str(info.value)
         assert PASSWORD not in str(info.value)
         await wrong.close()

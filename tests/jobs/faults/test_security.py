@@ -25,6 +25,7 @@ from mindtrace.jobs import (
     AsyncConsumer,
     AsyncOrchestrator,
     BackendError,
+    BackendRefusedError,
     BackendUnavailableError,
     ConfigurationError,
     Job,
@@ -309,7 +310,7 @@ async def test_redis_never_shows_a_refused_password(debug_logs: pytest.LogCaptur
         assert time.monotonic() - started < 5, "refused credentials are not retried"
     finally:
         server.cleanup()
-    assert all(not isinstance(error, BackendUnavailableError) for error in errors)
+    assert all(isinstance(error, BackendRefusedError) and error.refused == "credentials" for error in errors)
     assert all("refused the credentials" in str(error) for error in errors)
     assert_no_password(debug_logs, errors, clients)
 

@@ -1,8 +1,8 @@
 """RedisClient: queues as hash-tagged Redis keys, changed only by the atomic Lua scripts in ``lua/``.
 
 The package by noun: ``connection`` (redis-py clients, error boundary, script runner), ``keys`` (key layout,
-leases, priority ranks), ``receiver`` (claiming and waiting on wake lists), ``lua/`` (one script per
-transition).
+leases, priority ranks), ``receiver`` (claiming and waiting on wake lists), ``faults`` (refusals, the bounded
+connect, the eviction-policy check, claims sent once, chunked purges), ``lua/`` (one script per transition).
 """
 
 from __future__ import annotations
@@ -13,16 +13,23 @@ import dataclasses
 import json
 import logging
 import math
-import secrets
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from mindtrace.jobs.backends.base import Backend, Delivery, OutgoingMessage, QueueOptions, Receiver
-from mindtrace.jobs.backends.redis.connection import RedisConnection, check_tls_options, parse_url
+from mindtrace.jobs.backends.redis.connection import (
+    _RETRY_BASE,
+    _RETRY_CAP,
+    RedisConnection,
+    check_tls_options,
+    parse_url,
+)
+from mindtrace.jobs.backends.redis.faults import claim_sent_once, purge_in_chunks
 from mindtrace.jobs.backends.redis.keys import _Keys, _keys_of, _Lease, _priority_of
 from mindtrace.jobs.backends.redis.receiver import _RedisReceiver, _Wakes
 from mindtrace.jobs.constants import (
+    CONNECT_TIMEOUT,
     MAX_PAYLOAD_BYTES,
     OPERATION_TIMEOUT,
     REDIS_CONNECTION_RETRIES,
@@ -53,8 +60,12 @@ class RedisClient(Backend):
     holder dies the job is claimable again once the lease ends, and the old holder can no longer ack it
     (LeaseLostError). Priority order, then FIFO. Idle receivers block on Redis, they do not poll. What
     survives a server restart is what the server persists (use ``appendonly yes``). Commands are retried
-    with exponential backoff ``connection_retries`` times before BackendUnavailableError. The password never
-    appears in ``repr``, ``describe()`` or errors.
+    with exponential backoff ``connection_retries`` times before BackendUnavailableError. Connecting gives
+    up after ``connect_timeout`` seconds in total (CONNECT_TIMEOUT, 10 s, by default: attempts and backoff
+    together) with a BackendUnavailableError saying what was tried for how long; a server that answers and
+    refuses (credentials, ACL permissions, database number) raises BackendRefusedError at once. A server
+    whose ``maxmemory-policy`` is ``allkeys-*`` (it would evict queued jobs) is refused with a
+    ConfigurationError at connect. The password never appears in ``repr``, ``describe()`` or errors.
 
     TLS (``ssl=True``, or a ``rediss://`` URL) verifies the server's certificate and host name against the
     system's trusted CAs, or against the CA bundle file ``ssl_ca_certs`` (which implies TLS).
@@ -80,6 +91,7 @@ class RedisClient(Backend):
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
         operation_timeout: float = OPERATION_TIMEOUT,
         connection_retries: int = REDIS_CONNECTION_RETRIES,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         super().__init__(max_payload_bytes=max_payload_bytes)
         if not isinstance(port, int) or not 0 < port < 65536:
@@ -94,6 +106,8 @@ class RedisClient(Backend):
             )
         if not operation_timeout > 0:
             raise ConfigurationError(f"operation_timeout must be positive, not {operation_timeout}")
+        if not connect_timeout > 0 or math.isinf(connect_timeout):
+            raise ConfigurationError(f"connect_timeout must be a positive number of seconds, not {connect_timeout}")
         if connection_retries < 0:
             raise ConfigurationError(f"connection_retries must be >= 0, not {connection_retries}")
         check_tls_options(ssl_ca_certs, ssl_cert_reqs)
@@ -109,6 +123,7 @@ class RedisClient(Backend):
         self.lease_timeout = self.visibility_timeout
         self.operation_timeout = float(operation_timeout)
         self.connection_retries = connection_retries
+        self.connect_timeout = float(connect_timeout)
         # Kept apart from the public attributes: only the driver ever sees it.
         self._password = password
         self._connection = RedisConnection(
@@ -123,17 +138,21 @@ class RedisClient(Backend):
             operation_timeout=self.operation_timeout,
             connection_retries=connection_retries,
             backend=self.describe(),
+            connect_timeout=self.connect_timeout,
         )
         self._wakes = _Wakes(self._connection, self.operation_timeout)
         self._claims: set[asyncio.Task[Any]] = set()
         self._held: weakref.WeakSet[Delivery] = weakref.WeakSet()
+        # Per queue: tokens of claims whose answer was lost; the next claim adopts what they hold.
+        self._doubtful: dict[str, dict[str, int]] = {}
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisClient:
         """A client for ``redis://[[user]:password@]host[:port][/db]`` (``rediss://`` for TLS).
 
-        User and password are percent-decoded. A ``rediss://`` URL takes the TLS options ``ssl_ca_certs``
-        (path of a CA bundle) and ``ssl_cert_reqs`` as query parameters, e.g.
+        User and password are percent-decoded. Any Redis URL takes ``connect_timeout`` (seconds) as a query
+        parameter, e.g. ``redis://host:6379/0?connect_timeout=3``. A ``rediss://`` URL also takes the TLS
+        options ``ssl_ca_certs`` (path of a CA bundle) and ``ssl_cert_reqs``, e.g.
         ``rediss://host:6380/0?ssl_ca_certs=/etc/ssl/my-ca.pem``; no other query is accepted. Keyword
         arguments are passed to the constructor and win over the URL. Errors never repeat the URL, which may
         hold a password.
@@ -174,16 +193,23 @@ class RedisClient(Backend):
         if task is not None:
             self._claims.add(task)
         try:
-            token = secrets.token_hex(8)
             lease_ms = math.ceil(self.visibility_timeout * 1000)
-            reply = await self._connection.run(
-                "claim",
-                [
-                    *(keys.meta, keys.ready, keys.delayed, keys.leases, keys.bodies),
-                    *(keys.tokens, keys.ranks, keys.deliveries, keys.wake),
-                ],
-                [count, lease_ms, token],
-            )
+            script_keys = [
+                *(keys.meta, keys.ready, keys.delayed, keys.leases, keys.bodies),
+                *(keys.tokens, keys.ranks, keys.deliveries, keys.wake),
+            ]
+
+            async def run(token: str, doubtful: list[str]) -> Any:
+                return await self._connection.run_once("claim", script_keys, [count, lease_ms, token, *doubtful])
+
+            with self._connection.io():
+                token, reply = await claim_sent_once(
+                    run,
+                    self._doubtful.setdefault(queue, {}),
+                    retries=self.connection_retries,
+                    backoff_base=_RETRY_BASE,
+                    backoff_cap=_RETRY_CAP,
+                )
         finally:
             if task is not None:
                 self._claims.discard(task)
@@ -245,7 +271,7 @@ class RedisClient(Backend):
         chunks = [messages[i : i + _PUBLISH_CHUNK] for i in range(0, len(messages), _PUBLISH_CHUNK)]
 
         def args(chunk: Sequence[OutgoingMessage]) -> list[Any]:
-            return [value for message in chunk for value in (message.priority, message.body)]
+            return [value for message in chunk for value in (message.priority, message.job_id, message.body)]
 
         if len(chunks) == 1:
             queued = [await self._connection.run("publish", script_keys, args(chunks[0]))]
@@ -256,7 +282,7 @@ class RedisClient(Backend):
                     for chunk in chunks:
                         await self._connection.script("publish")(keys=script_keys, args=args(chunk), client=pipe)
                     queued = await pipe.execute()
-        if queued[0] == 0:
+        if queued[0] < 0:
             raise QueueNotFoundError(queue)
 
     async def _open_receiver(self, queue: str, prefetch: int) -> Receiver:
@@ -339,11 +365,14 @@ class RedisClient(Backend):
 
     async def _purge(self, queue: str) -> int:
         keys = self._keys(queue)
-        removed = await self._connection.run(
-            "purge",
-            [keys.meta, keys.ready, keys.delayed, keys.leases, keys.tokens, keys.ranks, keys.bodies, keys.deliveries],
-            [],
-        )
+        script_keys = [
+            *(keys.meta, keys.ready, keys.delayed, keys.leases, keys.tokens, keys.ranks, keys.bodies, keys.deliveries)
+        ]
+
+        async def run_chunk(chunk: int) -> int:
+            return int(await self._connection.run("purge", script_keys, [chunk]))
+
+        removed = await purge_in_chunks(run_chunk)
         if removed < 0:
             raise QueueNotFoundError(queue)
         return int(removed)

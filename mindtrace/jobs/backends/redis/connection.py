@@ -16,11 +16,19 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import AuthenticationError, AuthorizationError, NoScriptError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from mindtrace.jobs.constants import REDIS_MAX_BLOCK
+from mindtrace.jobs.backends.redis.faults import (
+    REFUSED,
+    check_eviction_policy,
+    connect_within,
+    may_resend,
+    refusal,
+    untrusted_certificate,
+)
+from mindtrace.jobs.constants import CONNECT_TIMEOUT, REDIS_MAX_BLOCK
 from mindtrace.jobs.errors import BackendError, ClosedError, ConfigurationError, translate_driver_errors
 
 _T = TypeVar("_T")
@@ -31,26 +39,21 @@ _RETRY_BASE, _RETRY_CAP = 0.1, 2.0
 _SCRIPTS = ("declare", "publish", "claim", "ack", "release", "retry", "dead_letter", "extend", "count", "purge", "wake")
 
 
-_REFUSED = (AuthenticationError, AuthorizationError)
+_REFUSED = REFUSED
 
 #: TLS options ``from_url`` takes from a ``rediss://`` URL's query, and the values of ``ssl_cert_reqs``.
 _URL_OPTIONS = ("ssl_ca_certs", "ssl_cert_reqs")
+#: Options ``from_url`` takes from the query of any Redis URL, and their types.
+_URL_ANY_OPTIONS: dict[str, type] = {"connect_timeout": float}
 _CERT_REQS = ("required", "optional", "none")
 
 # A script call waiting to be sent: the script, its keys and arguments, and the caller's future.
 _Call = tuple[AsyncScript, Sequence[str], Sequence[Any], asyncio.Future[Any]]
 
 
-def _untrusted_certificate(error: BaseException) -> bool:
-    """Whether ``error`` (as redis-py wraps it) is the server's TLS certificate failing verification."""
-    return isinstance(error.__cause__, _ssl.SSLCertVerificationError) or isinstance(
-        error.__context__, _ssl.SSLCertVerificationError
-    )
-
-
 class _Retry(Retry):
-    """redis-py's Retry, except that refused credentials and untrusted certificates fail at once: trying
-    again cannot help."""
+    """redis-py's Retry, except that refusals and untrusted certificates fail at once (trying again cannot
+    help), and that a command sent once (``faults.sent_once``) is never sent again."""
 
     async def call_with_retry(
         self,
@@ -60,8 +63,8 @@ class _Retry(Retry):
         with_failure_count: bool = False,
     ) -> _T:
         def retryable(error: Exception) -> bool:
-            refused = isinstance(error, _REFUSED) or _untrusted_certificate(error)
-            return not refused and (is_retryable is None or is_retryable(error))
+            refused = isinstance(error, _REFUSED) or untrusted_certificate(error)
+            return not refused and may_resend() and (is_retryable is None or is_retryable(error))
 
         return await super().call_with_retry(do, fail, retryable, with_failure_count)
 
@@ -91,17 +94,23 @@ def parse_url(url: str, schemes: Sequence[str]) -> dict[str, Any]:
     scheme = parts.scheme.lower()
     if scheme not in schemes:
         raise ConfigurationError(f"RedisClient needs a redis:// or rediss:// URL, not {scheme or '(none)'}://")
-    if parts.fragment or (parts.query and scheme != "rediss"):
+    query: dict[str, Any] = dict(parse_qsl(parts.query, keep_blank_values=True))
+    tls_query = set(query) - set(_URL_ANY_OPTIONS)
+    unknown = sorted(tls_query - set(_URL_OPTIONS))
+    if unknown:
+        known = ", ".join((*_URL_OPTIONS, *_URL_ANY_OPTIONS))
+        raise ConfigurationError(f"unknown option(s) {', '.join(unknown)} in the Redis URL; known: {known}")
+    if parts.fragment or (tls_query and scheme != "rediss"):
         raise ConfigurationError(
-            "RedisClient URLs take no fragment, and query options (TLS ones) only with rediss://; "
+            "RedisClient URLs take no fragment, and TLS query options only with rediss://; "
             "pass other options as keyword arguments"
         )
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    unknown = sorted(set(query) - set(_URL_OPTIONS))
-    if unknown:
-        raise ConfigurationError(
-            f"unknown option(s) {', '.join(unknown)} in the Redis URL; known: {', '.join(_URL_OPTIONS)}"
-        )
+    for name, kind in _URL_ANY_OPTIONS.items():
+        if name in query:
+            try:
+                query[name] = kind(query[name])
+            except ValueError as exc:
+                raise ConfigurationError(f"{name} in the Redis URL must be a number, not {query[name]!r}") from exc
     try:
         port = parts.port or 6379
     except ValueError as exc:
@@ -126,7 +135,8 @@ class RedisConnection:
 
     Commands and scripts go on one client; blocking reads (of wake lists) wait up to REDIS_MAX_BLOCK on
     connections of another, never shared with commands. ``backend`` is the RedisClient's ``describe()``,
-    for messages.
+    for messages. ``connect()`` gives up after ``connect_timeout`` seconds in total, and refuses a server
+    whose eviction policy would drop queued jobs.
     """
 
     def __init__(
@@ -143,6 +153,7 @@ class RedisConnection:
         operation_timeout: float,
         connection_retries: int,
         backend: str,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self.host = host
         self.port = port
@@ -159,6 +170,7 @@ class RedisConnection:
         self._password = password  # only the driver ever sees it
         self._operation_timeout = operation_timeout
         self._connection_retries = connection_retries
+        self._connect_timeout = connect_timeout
         self._redis: aioredis.Redis | None = None
         self._blocking: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
@@ -180,9 +192,13 @@ class RedisConnection:
                 try:
                     yield
                 except _REFUSED as exc:  # connection errors to redis-py, but the server answered
-                    raise BackendError(f"{self.backend} refused the credentials: {exc}", backend=self.backend) from exc
+                    raise refusal(exc, self.backend) or BackendError(
+                        f"{self.backend} refused: {exc}", backend=self.backend
+                    ) from exc
         except RedisError as exc:
-            raise BackendError(f"{self.backend} failed: {type(exc).__name__}: {exc}", backend=self.backend) from exc
+            raise refusal(exc, self.backend) or BackendError(
+                f"{self.backend} failed: {type(exc).__name__}: {exc}", backend=self.backend
+            ) from exc
 
     @property
     def connected(self) -> bool:
@@ -212,13 +228,14 @@ class RedisConnection:
         return list(self._batches)
 
     async def connect(self) -> None:
-        """Open both clients and check the server answers; register the scripts."""
+        """Open both clients and check the server answers (bounded by ``connect_timeout`` in total) and does not
+        evict queued jobs; register the scripts."""
 
         def client(socket_timeout: float) -> aioredis.Redis:
             return aioredis.Redis(
                 **self._options,
                 socket_timeout=socket_timeout,
-                socket_connect_timeout=self._operation_timeout,
+                socket_connect_timeout=min(self._operation_timeout, self._connect_timeout),
                 retry=_Retry(ExponentialWithJitterBackoff(base=_RETRY_BASE, cap=_RETRY_CAP), self._connection_retries),
                 password=self._password,
             )
@@ -226,9 +243,24 @@ class RedisConnection:
         commands = client(self._operation_timeout)
         # Blocking reads wait up to REDIS_MAX_BLOCK on connections of their own, never shared with commands.
         blocking = client(REDIS_MAX_BLOCK + self._operation_timeout)
-        try:
+
+        async def attempt() -> None:
             with self.io():
                 await commands.ping()
+
+        try:
+            await connect_within(
+                attempt,
+                seconds=self._connect_timeout,
+                attempts=self._connection_retries + 1,
+                backend=self.backend,
+                host=self.host,
+                port=self.port,
+                backoff_base=_RETRY_BASE,
+                backoff_cap=_RETRY_CAP,
+            )
+            with self.io():
+                await check_eviction_policy(commands.config_get, self.backend)
         except BaseException:
             await commands.aclose()
             await blocking.aclose()
@@ -265,6 +297,15 @@ class RedisConnection:
             if len(self._pending) == 1:
                 loop.call_soon(self._flush)
             return await future
+
+    async def run_once(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run one script on its own, never in a pipeline the driver might send again (for a claim, inside
+        ``faults.sent_once``). Driver errors come out as they are: call it within :meth:`io`."""
+        self._in_flight += 1
+        try:
+            return await self._evalsha(self.commands, self._scripts[script], keys, args)
+        finally:
+            self._in_flight -= 1
 
     @staticmethod
     async def _evalsha(client: Any, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:

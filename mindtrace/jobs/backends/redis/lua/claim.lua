@@ -3,6 +3,12 @@
 -- KEYS[1] meta        KEYS[2] ready   KEYS[3] delayed   KEYS[4] leases   KEYS[5] bodies
 -- KEYS[6] tokens      KEYS[7] ranks   KEYS[8] deliveries                 KEYS[9] wake
 -- ARGV[1] most messages to claim   ARGV[2] lease length in ms   ARGV[3] lease token
+-- ARGV[4...] tokens of earlier claims of this client whose answer was lost (the server may have run them)
+--
+-- Messages still leased under one of those tokens are adopted first: leased again under ARGV[3] and
+-- returned with the rest (they count towards ARGV[1]; their delivery was counted by the lost claim), so a
+-- claim whose answer never came back leaves nothing leased to nobody. Finding them reads the tokens hash
+-- (every claimed message): that only happens after a lost answer.
 --
 -- First makes due retries and expired leases ready, then pops the best-ranked messages. Each claimed
 -- message gets a lease deadline (leases), the token (tokens), its rank to come back to (ranks) and one
@@ -17,11 +23,35 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   return { 0 }
 end
 local now = now_ms()
-promote(KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], now)
-
 local reply = { 1, -1 }
 local deadline = now + tonumber(ARGV[2])
-local popped = redis.call('ZPOPMIN', KEYS[2], tonumber(ARGV[1]))
+local wanted = tonumber(ARGV[1])
+
+if #ARGV > 3 then
+  local doubtful = {}
+  for i = 4, #ARGV do
+    doubtful[ARGV[i]] = true
+  end
+  local held = redis.call('HGETALL', KEYS[6])
+  for i = 1, #held, 2 do
+    local id = held[i]
+    if doubtful[held[i + 1]] then
+      set_deadline(KEYS[4], id, deadline)
+      redis.call('HSET', KEYS[6], id, ARGV[3])
+      reply[#reply + 1] = id
+      reply[#reply + 1] = redis.call('HGET', KEYS[5], id) or id
+      reply[#reply + 1] = redis.call('HGET', KEYS[7], id) or (MAX_PRIORITY * PRIORITY_BAND)
+      reply[#reply + 1] = redis.call('HGET', KEYS[8], id) or 1
+      wanted = wanted - 1
+    end
+  end
+end
+
+promote(KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], now)
+local popped = {}
+if wanted > 0 then
+  popped = redis.call('ZPOPMIN', KEYS[2], wanted)
+end
 for i = 1, #popped, 2 do
   local id, place = popped[i], popped[i + 1]
   local body = redis.call('HGET', KEYS[5], id)

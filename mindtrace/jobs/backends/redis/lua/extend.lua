@@ -8,5 +8,5 @@
 if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then
   return -1
 end
-redis.call('ZADD', KEYS[1], 'XX', now_ms() + tonumber(ARGV[3]), ARGV[1])
+set_deadline(KEYS[1], ARGV[1], now_ms() + tonumber(ARGV[3]))
 return 1

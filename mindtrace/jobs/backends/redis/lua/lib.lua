@@ -12,6 +12,12 @@
 -- (delayed score <= now) and every message whose lease expired (leases score <= now) back to the ready
 -- set at its rank (kept in the ranks hash while it is away), dropping its lease token so that the old
 -- holder can no longer settle it. Returns how many messages became ready.
+--
+-- set_deadline(leases, id, at) moves a leased message's deadline to ``at``.
+--
+-- Every script removes before it adds: on a full server (maxmemory with noeviction) Redis refuses a script
+-- whose first write is a command that may grow memory (ZADD, HSET, INCR, RPUSH), and lets it go on once it
+-- has written. A removal first (ZREM, ZPOPMIN, HDEL) lets a full server still claim, settle and drain.
 
 local MAX_PRIORITY = 9
 local PRIORITY_BAND = 17592186044416 -- 2^44
@@ -34,14 +40,21 @@ local function promote(ready, delayed, leases, tokens, ranks, now)
     for _, id in ipairs(due) do
       -- A rank can only be missing if someone edited the keys by hand: queue it last.
       local place = redis.call('HGET', ranks, id) or (MAX_PRIORITY * PRIORITY_BAND)
-      redis.call('ZADD', ready, place, id)
       redis.call('ZREM', source, id)
+      redis.call('ZADD', ready, place, id)
       redis.call('HDEL', ranks, id)
       redis.call('HDEL', tokens, id)
       moved = moved + 1
     end
   end
   return moved
+end
+
+local function set_deadline(leases, id, at)
+  -- ZREM first, so that a full server takes it (see above); ZADD XX alone would be refused.
+  if redis.call('ZREM', leases, id) == 1 then
+    redis.call('ZADD', leases, at, id)
+  end
 end
 
 local function wake(list)

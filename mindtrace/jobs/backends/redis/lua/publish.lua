@@ -1,21 +1,27 @@
 -- publish.lua: queue one or more messages (after lib.lua).
 --
 -- KEYS[1] meta   KEYS[2] sequence   KEYS[3] ready   KEYS[4] bodies   KEYS[5] wake
--- ARGV[1] priority_1   ARGV[2] body_1   ARGV[3] priority_2   ARGV[4] body_2 ...
+-- ARGV[1] priority_1   ARGV[2] id_1   ARGV[3] body_1   ARGV[4] priority_2   ARGV[5] id_2 ...
 --
--- Each message gets the next sequence number as its id and is ranked by priority, then sequence.
--- Returns 0 when the queue does not exist (nothing is queued), else the number of messages queued.
+-- The message id is the job id; each message is ranked by priority, then the next sequence number. A job id
+-- already in the queue (ready, claimed or waiting to be retried: it has a body) is not queued again, so a
+-- publish that the driver sent twice (its answer timed out) queues each job once.
+-- Returns -1 when the queue does not exist (nothing is queued), else the number of messages queued.
 
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  return 0
+  return -1
 end
-local count = #ARGV / 2
+local count = #ARGV / 3
 local first = redis.call('INCRBY', KEYS[2], count) - count
+local queued = 0
 for i = 1, count do
-  local sequence = first + i
-  local id = string.format('%d', sequence)
-  redis.call('ZADD', KEYS[3], rank(ARGV[2 * i - 1], sequence), id)
-  redis.call('HSET', KEYS[4], id, ARGV[2 * i])
+  local id = ARGV[3 * i - 1]
+  if redis.call('HSETNX', KEYS[4], id, ARGV[3 * i]) == 1 then
+    redis.call('ZADD', KEYS[3], rank(ARGV[3 * i - 2], first + i), id)
+    queued = queued + 1
+  end
 end
-wake(KEYS[5])
-return count
+if queued > 0 then
+  wake(KEYS[5])
+end
+return queued

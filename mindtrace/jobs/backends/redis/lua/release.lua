@@ -9,8 +9,9 @@
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then
   return -1
 end
-redis.call('ZADD', KEYS[1], redis.call('HGET', KEYS[4], ARGV[1]) or (MAX_PRIORITY * PRIORITY_BAND), ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
+local place = redis.call('HGET', KEYS[4], ARGV[1]) or (MAX_PRIORITY * PRIORITY_BAND)
+redis.call('ZREM', KEYS[2], ARGV[1]) -- a removal first: a full server still takes the script (lib.lua)
+redis.call('ZADD', KEYS[1], place, ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
 redis.call('HINCRBY', KEYS[5], ARGV[1], -1)

@@ -12,10 +12,10 @@
 if redis.call('HGET', KEYS[6], ARGV[1]) ~= ARGV[2] then
   return -1
 end
+redis.call('ZREM', KEYS[4], ARGV[1]) -- a removal first: a full server still takes the script (lib.lua)
+redis.call('HDEL', KEYS[6], ARGV[1])
 local place = rank(ARGV[3], redis.call('INCR', KEYS[1]))
 redis.call('HSET', KEYS[5], ARGV[1], ARGV[4])
-redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('HDEL', KEYS[6], ARGV[1])
 redis.call('HDEL', KEYS[8], ARGV[1])
 local delay = tonumber(ARGV[5])
 if delay > 0 then
