@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from mindtrace.jobs.backends import from_url
 from mindtrace.jobs.backends import load_backend_class as _load_backend_class
-from mindtrace.jobs.backends.base import Backend, QueueOptions
+from mindtrace.jobs.backends.base import Backend, Capabilities, QueueOptions
 from mindtrace.jobs.backends.local import LocalClient
 from mindtrace.jobs.consumer import AsyncConsumer
 from mindtrace.jobs.errors import (
@@ -54,6 +54,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendUnavailableError",
+    "Capabilities",
     "ClosedError",
     "ConfigurationError",
     "Consumer",

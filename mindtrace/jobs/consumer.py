@@ -135,7 +135,7 @@ class AsyncConsumer(abc.ABC):
         self._loop = asyncio.get_running_loop()
         budget = _Budget(num_messages)
         handled = [0]
-        lease = orchestrator.backend.lease_timeout
+        lease = orchestrator.backend.capabilities.lease_timeout
         async with await orchestrator.open_receiver(self.queue_name, prefetch=concurrency) as receiver:
             workers = [asyncio.create_task(self._work(receiver, budget, handled)) for _ in range(concurrency)]
             # One task renews every running job's lease, rather than one task per job.
@@ -195,7 +195,7 @@ class AsyncConsumer(abc.ABC):
             logger.warning("dead-lettering an undecodable message from %r: %s", delivery.queue, exc.reason)
             await self._settle(backend.dead_letter(delivery, outgoing(undecodable_job(exc))), delivery)
             return
-        if delivery.delivery_count > 1 and not backend.counts_deliveries:
+        if delivery.delivery_count > 1 and not backend.capabilities.counted_deliveries:
             # The broker only flags redeliveries: record the lost run on the job itself before running it
             # again, so a job that kills its consumer is still dead-lettered after max_retries + 1 runs.
             job.attempts += 1
@@ -218,7 +218,7 @@ class AsyncConsumer(abc.ABC):
             await self._settle(backend.dead_letter(delivery, outgoing(job)), delivery)
             return
         try:
-            if backend.lease_timeout is None:
+            if backend.capabilities.lease_timeout is None:
                 result = await self.run(job)
             else:
                 self._leased.add(delivery)

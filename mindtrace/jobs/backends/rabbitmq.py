@@ -33,7 +33,15 @@ from aiormq.exceptions import (
     ProbableAuthenticationError,
 )
 
-from mindtrace.jobs.backends.base import Backend, Delivery, OutgoingMessage, QueueOptions, Receiver
+from mindtrace.jobs.backends.base import (
+    PRIORITY_LEVELS,
+    Backend,
+    Capabilities,
+    Delivery,
+    OutgoingMessage,
+    QueueOptions,
+    Receiver,
+)
 from mindtrace.jobs.constants import (
     AMQP_EXCHANGE,
     AMQP_HEARTBEAT,
@@ -417,8 +425,19 @@ class RabbitMQClient(Backend):
 
     schemes = ("amqp", "amqps")
 
-    # Classic queues only flag a redelivery, so the consumer counts lost runs on the job itself.
-    counts_deliveries = False
+    # Classic queues only flag a redelivery, so the consumer counts lost runs on the job itself; retry delays
+    # wait in per-delay bucket queues (a retry may be late by up to a half-octave step, capped at the last
+    # bucket); a queued message cannot be taken out of the middle of a queue; AMQP cannot list queues.
+    capabilities = Capabilities(
+        lease_timeout=None,
+        counted_deliveries=False,
+        exact_delays=False,
+        max_delay=RETRY_BUCKETS_MS[-1] / 1000,
+        priority_levels=PRIORITY_LEVELS,
+        queued_job_removal="tombstone",
+        can_list_queues=False,
+        shared_queues=True,
+    )
 
     def __init__(
         self,

@@ -26,7 +26,15 @@ from redis.exceptions import AuthenticationError, AuthorizationError, NoScriptEr
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from mindtrace.jobs.backends.base import Backend, Delivery, OutgoingMessage, QueueOptions, Receiver
+from mindtrace.jobs.backends.base import (
+    PRIORITY_LEVELS,
+    Backend,
+    Capabilities,
+    Delivery,
+    OutgoingMessage,
+    QueueOptions,
+    Receiver,
+)
 from mindtrace.jobs.constants import (
     DLQ_SUFFIX,
     MAX_PAYLOAD_BYTES,
@@ -334,7 +342,16 @@ class RedisClient(Backend):
         self.ssl_cert_reqs = ssl_cert_reqs
         self.key_prefix = key_prefix
         self.visibility_timeout = float(visibility_timeout)
-        self.lease_timeout = self.visibility_timeout
+        self.capabilities = Capabilities(
+            lease_timeout=self.visibility_timeout,
+            counted_deliveries=True,
+            exact_delays=True,
+            max_delay=None,
+            priority_levels=PRIORITY_LEVELS,
+            queued_job_removal="tombstone",  # a queued message is keyed by its sequence, not by its job id
+            can_list_queues=True,
+            shared_queues=True,
+        )
         self.operation_timeout = float(operation_timeout)
         self.connection_retries = connection_retries
         # Kept apart from the public attributes: only the driver ever sees it.

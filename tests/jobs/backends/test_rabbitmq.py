@@ -190,7 +190,7 @@ async def test_consumer_survives_a_connection_cut_and_resumes(
                 await wait_until(lambda: len(runs) >= 10, 10, "the first jobs")
                 assert proxy.cut() >= 1
                 await wait_until(lambda: set(runs) == {job.id for job in jobs}, 10, "every job after the cut")
-                # Redelivered jobs come back as copies with the lost run recorded (counts_deliveries is False):
+                # Redelivered jobs come back as copies with the lost run recorded (no counted_deliveries):
                 # wait until those ran too and the queue stays empty.
                 await wait_until_drained(orchestrator, queue, runs, 10)
                 assert not task.done()
