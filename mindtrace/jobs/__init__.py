@@ -31,6 +31,7 @@ from mindtrace.jobs.errors import (
     WrongEventLoopError,
 )
 from mindtrace.jobs.orchestrator import AsyncOrchestrator
+from mindtrace.jobs.policy import RetryPolicy
 from mindtrace.jobs.sync import Consumer, Orchestrator
 from mindtrace.jobs.types import QUEUE_MAPPING, Job, JobInput, JobOutput, JobSchema, JobType, job_from_schema
 from mindtrace.jobs.wire import UndecodableMessage
@@ -81,6 +82,7 @@ __all__ = [
     "QueueOptions",
     "RabbitMQClient",
     "RedisClient",
+    "RetryPolicy",
     "UndecodableMessage",
     "UsageError",
     "WrongEventLoopError",

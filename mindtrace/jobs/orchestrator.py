@@ -12,16 +12,25 @@ from typing import Any, overload
 from mindtrace.jobs.backends import from_url
 from mindtrace.jobs.backends.base import (
     Backend,
+    Delivery,
     OutgoingMessage,
     QueueOptions,
     Receiver,
     dead_letter_queue_name,
     validate_queue_name,
 )
-from mindtrace.jobs.constants import DLQ_SUFFIX, UNDECODABLE_SCHEMA
-from mindtrace.jobs.errors import ClosedError, DecodeError, JobValidationError, QueueError
+from mindtrace.jobs.constants import DLQ_SUFFIX
+from mindtrace.jobs.errors import (
+    ClosedError,
+    DecodeError,
+    JobValidationError,
+    PayloadTooLargeError,
+    QueueError,
+    UsageError,
+)
+from mindtrace.jobs.policy import Action, Outcome, requeued, retry_refused, undecodable
 from mindtrace.jobs.types import QUEUE_MAPPING, Job, JobSchema
-from mindtrace.jobs.wire import SchemaTypes, decode, encode, undecodable_job
+from mindtrace.jobs.wire import SchemaTypes, decode, encode
 
 logger = logging.getLogger("mindtrace.jobs")
 
@@ -159,11 +168,44 @@ class AsyncOrchestrator:
                 try:
                     job = self.decode(delivery.body, queue_name)
                 except DecodeError as exc:
-                    logger.warning("dead-lettering an undecodable message from %r: %s", queue_name, exc.reason)
-                    await self.backend.dead_letter(delivery, outgoing(undecodable_job(exc)))
+                    await self.settle(delivery, undecodable(exc))
                     continue
-                await self.backend.ack(delivery)
+                await self.settle(delivery, Outcome(Action.ACK, job))
                 return job
+
+    async def settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        """Settle a claimed ``delivery`` with the one backend verb ``outcome`` names, and log why.
+
+        A retry the backend refuses as too large (its recorded error grew the job past the size limit) is
+        dead-lettered instead. Backend errors propagate; the message then stays with the broker.
+        """
+        backend, job, queue = self.backend, outcome.job, delivery.queue
+        action = outcome.action
+        if action is Action.ACK:
+            await backend.ack(delivery)
+        elif action is Action.RELEASE:
+            await backend.release(delivery)
+        elif action is Action.RETRY:
+            if outcome.resumes:
+                logger.info("job %s from %r was redelivered: %s, handed back", job.id, queue, outcome.reason)
+            else:
+                logger.info(
+                    "job %s from %r failed (attempt %d), retrying in %.2fs: %s",
+                    job.id,
+                    queue,
+                    job.attempts,
+                    outcome.delay,
+                    outcome.reason,
+                )
+            try:
+                await backend.retry(delivery, outgoing(job, resumes=outcome.resumes), outcome.delay)
+            except PayloadTooLargeError as exc:  # refused before anything was settled
+                await self.settle(delivery, retry_refused(outcome, exc))
+        elif action is Action.DEAD_LETTER:
+            logger.warning("dead-lettering job %s from %r: %s", job.id, queue, outcome.reason)
+            await backend.dead_letter(delivery, outgoing(job))
+        else:
+            raise UsageError(f"{action} is not a settle verb")
 
     async def count_queue_messages(self, queue_name: str) -> int:
         """Number of jobs ready to run on ``queue_name`` (not those running or waiting for a retry)."""
@@ -206,16 +248,14 @@ class AsyncOrchestrator:
                     if delivery is None:
                         break
                     try:
-                        job = self.decode(delivery.body, dlq)
+                        job = requeued(self.decode(delivery.body, dlq))
                     except DecodeError:
+                        job = None
+                    if job is None:
                         skipped.append(delivery)
                         continue
-                    if job.payload.name == UNDECODABLE_SCHEMA:
-                        skipped.append(delivery)
-                        continue
-                    job.attempts, job.error = 0, None
                     await self.publish(queue_name, job)
-                    await self.backend.ack(delivery)
+                    await self.settle(delivery, Outcome(Action.ACK, job))
                     moved += 1
             finally:
                 for delivery in skipped:
