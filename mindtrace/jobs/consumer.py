@@ -121,10 +121,12 @@ class AsyncConsumer(abc.ABC):
             task.cancel()
 
     async def consume(self, num_messages: int | None = None, concurrency: int = 1) -> int:
-        """Process jobs from the queue until ``num_messages`` were handled (None: until ``stop()``).
+        """Process jobs from the queue until ``num_messages`` jobs were handled (None: until ``stop()``).
 
-        ``concurrency`` jobs run at once. Returns how many messages were handled. Cancelling this call
-        gives every claimed, unfinished job back to its queue.
+        A job is handled when a run of it ended (acked, retried or dead-lettered) or a rule dead-lettered it
+        unrun (undecodable, over its budget of lost runs); a message handed back to the queue unrun (a
+        recorded redelivery) is not. ``concurrency`` jobs run at once. Returns how many jobs were handled.
+        Cancelling this call gives every claimed, unfinished job back to its queue.
         """
         if num_messages is not None and num_messages < 0:
             raise ConfigurationError(f"num_messages must be >= 0 or None, not {num_messages}")
@@ -164,8 +166,10 @@ class AsyncConsumer(abc.ABC):
                 budget.give_back()
                 continue
             delay = _RECONNECT_DELAY
-            await self._handle(delivery)
-            budget.handled += 1
+            if await self._handle(delivery):
+                budget.handled += 1
+            else:
+                budget.give_back()
 
     async def _claim(self, receiver: Receiver) -> Delivery | None:
         # The worker waits in the receiver itself: no task per claim. stop() cancels the workers waiting here
@@ -185,8 +189,8 @@ class AsyncConsumer(abc.ABC):
         finally:
             self._idle.discard(worker)
 
-    async def _handle(self, delivery: Delivery) -> None:
-        """Decode, decide before the run, run, decide after it, settle once."""
+    async def _handle(self, delivery: Delivery) -> bool:
+        """Decode, decide before the run, run, decide after it, settle once; whether the job counts as handled."""
         orchestrator = self.orchestrator
         try:
             job = orchestrator.decode(delivery.body, delivery.queue)
@@ -198,6 +202,7 @@ class AsyncConsumer(abc.ABC):
             if outcome.action is Action.RUN:
                 outcome = await self._run(delivery, job)
         await self._settle(delivery, outcome)
+        return outcome.counts
 
     async def _run(self, delivery: Delivery, job: Job) -> Outcome:
         worker = asyncio.current_task()

@@ -165,6 +165,45 @@ async def test_jobs_of_a_killed_consumer_go_to_another_consumer(
     assert await orchestrator.count_queue_messages(queue + ".dlq") == 0
 
 
+async def test_after_a_kill_consume_one_returns_only_once_the_redelivered_job_ran(
+    amqp_url: str, queue: str, orchestrator: AsyncOrchestrator, loopback_broker: tuple[str, int]
+) -> None:
+    # The broker redelivers the killed consumer's job flagged; the next consumer records that lost run on the
+    # job and republishes it (bookkeeping, not a run), then runs it: consume(num_messages=1) means "run one".
+    schema = image_schema(queue)
+    await orchestrator.register(schema)
+    job = make_job(schema, 1)
+    await orchestrator.publish(queue, job)
+    worker = await asyncio.to_thread(
+        subprocess.Popen,
+        [sys.executable, "-m", "tests.jobs.backends.rabbitmq_worker", amqp_url, queue, "1"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stdout is not None
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(worker.stdout.readline), 15)
+        assert line.split() == ["started", job.id]
+        worker.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(worker.wait, 10)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
+        worker.stdout.close()
+    runs: list[Job] = []
+
+    async def record(received: Job) -> None:
+        runs.append(received)
+
+    consumer = consumer_of(queue, record)
+    consumer.connect(orchestrator)
+    assert await asyncio.wait_for(consumer.consume(num_messages=1), 20) == 1
+    assert [(j.id, j.attempts) for j in runs] == [(job.id, 1)]
+    assert await orchestrator.count_queue_messages(queue) == 0
+
+
 # -- (2) connection loss ---------------------------------------------------------------------------------
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from mindtrace.jobs import Job, JobInput, JobSchema, UndecodableMessage
-from mindtrace.jobs.backends.base import OutgoingMessage
+from mindtrace.jobs import ClosedError, Job, JobInput, JobSchema, UndecodableMessage
+from mindtrace.jobs.backends.base import Backend, OutgoingMessage
 from mindtrace.jobs.wire import encode
 from tests.jobs.conformance.models import DetectionOutput, ImageInput, image_schema, make_job
 from tests.jobs.support.api import Api
@@ -347,3 +349,50 @@ async def test_a_job_given_back_goes_ahead_of_the_jobs_waiting_at_its_priority(a
     order = [(await api.receive_message(queue, timeout=10)) for _ in range(5)]
     assert [j.id for j in order if j is not None] == [urgent.id, first.id, *(j.id for j in others)]
     assert order[1] is not None and order[1].attempts == 0
+
+
+async def test_num_messages_counts_jobs_run_not_jobs_handed_back_unrun(
+    api: Api, queue: str, backend_factory: Callable[[], Backend]
+) -> None:
+    # A first consumer holds 4 of 16 jobs when it loses its backend (another client whose connection closes
+    # under it; on the in-process backend, which no other client shares, it is stopped). The held jobs come
+    # back, on RabbitMQ flagged as redelivered, which the next consumer records on the job and hands back
+    # (attempts + 1, republished): bookkeeping, not a run. consume(num_messages=16) still runs 16 jobs.
+    schema = image_schema(queue)
+    await api.register(schema)
+    jobs = [make_job(schema, i) for i in range(16)]
+    await api.publish_many(queue, jobs)
+    shared = api.orchestrator.backend.capabilities.shared_queues
+    first = api.sibling(backend_factory()) if shared else api
+    held: list[str] = []
+    let_go = asyncio.Event()
+
+    async def hold(job: Job) -> None:
+        held.append(job.id)
+        await let_go.wait()
+
+    holder = first.consumer(queue, hold)
+    task = asyncio.create_task(holder.consume(concurrency=4))
+    try:
+        while len(held) < 4:
+            assert not task.done(), task
+            await asyncio.sleep(0.02)
+        if shared:
+            await first.run_on_loop(first.orchestrator.backend.close())
+        else:
+            holder.stop()
+    finally:
+        let_go.set()
+        with contextlib.suppress(ClosedError):
+            await asyncio.wait_for(task, 20)
+        if first is not api:
+            await first.close()
+    runs: Counter[str] = Counter()
+
+    async def count(job: Job) -> None:
+        runs[job.id] += 1
+
+    left = len(jobs) if shared else len(jobs) - len(held)
+    assert await asyncio.wait_for(api.consumer(queue, count).consume(num_messages=left), 30) == left
+    assert sum(runs.values()) == left
+    assert set(runs) == {j.id for j in jobs} - (set() if shared else set(held))
