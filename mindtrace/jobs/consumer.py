@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mindtrace.jobs.backends.base import Delivery, Receiver, dead_letter_queue_name, validate_queue_name
+from mindtrace.jobs.constants import CLOSE_GRACE
 from mindtrace.jobs.errors import (
     BackendError,
     BackendUnavailableError,
@@ -92,17 +93,24 @@ class AsyncConsumer(abc.ABC):
         self._orchestrator: AsyncOrchestrator | None = None
         self._stopping = False
         self._idle: set[asyncio.Task[Any]] = set()  # workers waiting for a message, which stop() cancels
+        self._workers: set[asyncio.Task[None]] = set()  # the workers of every consume() call running
+        self._consuming: set[asyncio.Future[None]] = set()  # one per consume() call running, done when it ends
         self._running: dict[Delivery, asyncio.Task[None]] = {}  # jobs inside run(), by the worker running them
+        self._evicted: set[asyncio.Task[None]] = set()  # workers shutdown() cancelled: they end quietly
 
     @abc.abstractmethod
     async def run(self, job: Job) -> Any:
         """Process one job. Return None or an output matching the schema's output type; raise to retry."""
 
     def connect(self, orchestrator: AsyncOrchestrator) -> None:
-        """Consume through ``orchestrator``: its backend and its registered schemas."""
+        """Consume through ``orchestrator``: its backend and its registered schemas.
+
+        The orchestrator's ``close()`` then stops this consumer first (see :meth:`shutdown`).
+        """
         if not isinstance(orchestrator, AsyncOrchestrator):
             raise UsageError(f"connect() takes an AsyncOrchestrator, not {type(orchestrator).__name__}")
         self._orchestrator = orchestrator
+        orchestrator.attach(self)
 
     @property
     def orchestrator(self) -> AsyncOrchestrator:
@@ -110,6 +118,11 @@ class AsyncConsumer(abc.ABC):
         if self._orchestrator is None:
             raise UsageError(f"consumer of {self.queue_name!r} is not connected: call connect(orchestrator)")
         return self._orchestrator
+
+    @property
+    def consuming(self) -> bool:
+        """Whether a ``consume()`` call of this consumer is running."""
+        return bool(self._consuming)
 
     def stop(self) -> None:
         """Ask ``consume()`` to return: no new job is claimed, jobs already running finish and are settled.
@@ -119,6 +132,34 @@ class AsyncConsumer(abc.ABC):
         self._stopping = True
         for task in list(self._idle):
             task.cancel()
+
+    async def shutdown(self, grace: float = CLOSE_GRACE) -> tuple[int, int]:
+        """Stop every running ``consume()`` and wait until each has returned.
+
+        No new job is claimed; jobs running get ``grace`` seconds to finish and be settled; those still
+        running then are cancelled and given back to their queue uncharged (their ``run`` is cancelled; a
+        blocking ``run`` of the sync Consumer finishes in its thread, unheard). Returns
+        ``(settled, given_back)``: how many running jobs finished within the grace period, and how many
+        were given back. The orchestrator's ``close()`` calls it for every consumer connected to it.
+        """
+        if not grace >= 0:
+            raise ConfigurationError(f"grace must be a number of seconds >= 0, not {grace}")
+        me = asyncio.current_task()
+        was_running = sum(task is not me for task in self._running.values())
+        self.stop()
+        given_back = 0
+        try:
+            workers = self._workers - {me}  # a run that closes its own orchestrator is not waited for
+            if workers:
+                await asyncio.wait(workers, timeout=grace)
+        finally:
+            for task in set(self._running.values()) - {me}:
+                self._evicted.add(task)
+                task.cancel()
+                given_back += 1
+            if self._consuming:
+                await asyncio.wait(set(self._consuming))
+        return was_running - given_back, given_back
 
     async def consume(self, num_messages: int | None = None, concurrency: int = 1) -> int:
         """Process jobs from the queue until ``num_messages`` jobs were handled (None: until ``stop()``).
@@ -136,19 +177,28 @@ class AsyncConsumer(abc.ABC):
         self._stopping = False
         budget = _Budget(num_messages)
         lease = orchestrator.backend.capabilities.lease_timeout
-        async with await orchestrator.open_receiver(self.queue_name, prefetch=concurrency) as receiver:
-            workers = [asyncio.create_task(self._work(receiver, budget)) for _ in range(concurrency)]
-            # One task renews every running job's lease, rather than one task per job.
-            keeper = None if lease is None else asyncio.create_task(self._keep_leases(lease))
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for worker in workers:
-                    worker.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
-                if keeper is not None:
-                    keeper.cancel()
-                    await asyncio.gather(keeper, return_exceptions=True)
+        finished = asyncio.get_running_loop().create_future()
+        self._consuming.add(finished)
+        try:
+            async with await orchestrator.open_receiver(self.queue_name, prefetch=concurrency) as receiver:
+                workers = [asyncio.create_task(self._work(receiver, budget)) for _ in range(concurrency)]
+                self._workers.update(workers)
+                # One task renews every running job's lease, rather than one task per job.
+                keeper = None if lease is None else asyncio.create_task(self._keep_leases(lease))
+                try:
+                    await asyncio.gather(*workers)
+                finally:
+                    for worker in workers:
+                        worker.cancel()
+                    await asyncio.gather(*workers, return_exceptions=True)
+                    self._workers.difference_update(workers)
+                    self._evicted.difference_update(workers)
+                    if keeper is not None:
+                        keeper.cancel()
+                        await asyncio.gather(keeper, return_exceptions=True)
+        finally:
+            self._consuming.discard(finished)
+            finished.set_result(None)
         return budget.handled
 
     async def _work(self, receiver: Receiver, budget: _Budget) -> None:
@@ -166,10 +216,23 @@ class AsyncConsumer(abc.ABC):
                 budget.give_back()
                 continue
             delay = _RECONNECT_DELAY
-            if await self._handle(delivery):
+            try:
+                handled = await self._handle(delivery)
+            except asyncio.CancelledError:
+                if not self._was_evicted():
+                    raise
+                return
+            if handled:
                 budget.handled += 1
             else:
                 budget.give_back()
+
+    def _was_evicted(self) -> bool:
+        """In a worker that caught CancelledError: whether only shutdown() cancelled it (it then ends quietly)."""
+        worker = asyncio.current_task()
+        if worker not in self._evicted:
+            return False
+        return not (sys.version_info >= (3, 11) and worker is not None and worker.uncancel() > 0)
 
     async def _claim(self, receiver: Receiver) -> Delivery | None:
         # The worker waits in the receiver itself: no task per claim. stop() cancels the workers waiting here

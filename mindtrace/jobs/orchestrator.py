@@ -6,8 +6,9 @@ import asyncio
 import logging
 import math
 import types
+import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from mindtrace.jobs.backends import from_url
 from mindtrace.jobs.backends.base import (
@@ -19,9 +20,10 @@ from mindtrace.jobs.backends.base import (
     dead_letter_queue_name,
     validate_queue_name,
 )
-from mindtrace.jobs.constants import DLQ_SUFFIX
+from mindtrace.jobs.constants import CLOSE_GRACE, DLQ_SUFFIX
 from mindtrace.jobs.errors import (
     ClosedError,
+    ConfigurationError,
     DecodeError,
     JobValidationError,
     PayloadTooLargeError,
@@ -31,6 +33,9 @@ from mindtrace.jobs.errors import (
 from mindtrace.jobs.policy import Action, Outcome, requeued, retry_refused, undecodable
 from mindtrace.jobs.types import QUEUE_MAPPING, Job, JobSchema
 from mindtrace.jobs.wire import SchemaTypes, decode, encode
+
+if TYPE_CHECKING:
+    from mindtrace.jobs.consumer import AsyncConsumer
 
 logger = logging.getLogger("mindtrace.jobs")
 
@@ -45,7 +50,7 @@ class AsyncOrchestrator:
 
     ``backend`` is a Backend instance (``LocalClient()``, ``RedisClient(...)``, ``RabbitMQClient(...)``) or a
     URL (``memory://``, ``redis://host:6379/0``, ``amqp://user:pass@host/vhost``). Use as ``async with``, or
-    call ``close()``: closing the orchestrator closes its backend.
+    call ``close()``: closing the orchestrator stops the consumers connected to it, then closes its backend.
     """
 
     def __init__(self, backend: Backend | str) -> None:
@@ -54,6 +59,7 @@ class AsyncOrchestrator:
             raise JobValidationError(f"backend must be a Backend or a URL, not {type(backend).__name__}")
         self._schemas: dict[str, SchemaTypes] = {}
         self._known_queues: set[str] = set()
+        self._consumers: weakref.WeakSet[AsyncConsumer] = weakref.WeakSet()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -262,11 +268,35 @@ class AsyncOrchestrator:
                     await self.backend.release(delivery)
         return moved
 
-    async def close(self) -> None:
-        """Close the backend. Further calls raise ClosedError. Idempotent."""
+    def attach(self, consumer: AsyncConsumer) -> None:
+        """Remember (weakly) a consumer connected to this orchestrator, for ``close()`` to stop first."""
+        self._consumers.add(consumer)
+
+    async def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Stop the consumers connected to this orchestrator, then close the backend. Idempotent.
+
+        Each running ``consume()`` claims no new job; its running jobs get ``grace`` seconds to finish and
+        be settled, then the rest are given back to their queue uncharged (see ``AsyncConsumer.shutdown``);
+        what was done is logged. Further calls raise ClosedError.
+        """
+        if not grace >= 0:
+            raise ConfigurationError(f"grace must be a number of seconds >= 0, not {grace}")
         if self._closed:
             return
         self._closed = True
+        consumers = [consumer for consumer in self._consumers if consumer.consuming]
+        if consumers:
+            results = await asyncio.gather(*(consumer.shutdown(grace) for consumer in consumers))
+            settled, given_back = sum(r[0] for r in results), sum(r[1] for r in results)
+            log = logger.warning if given_back else logger.info
+            log(
+                "closing %s: stopped %d consumer(s); %d running job(s) finished, %d given back after the %.1fs grace",
+                self.backend.describe(),
+                len(consumers),
+                settled,
+                given_back,
+                grace,
+            )
         await self.backend.close()
 
     async def __aenter__(self) -> AsyncOrchestrator:

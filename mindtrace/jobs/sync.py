@@ -10,6 +10,7 @@ from typing import Any, overload
 
 from mindtrace.jobs._loop_thread import DaemonPool, get_loop_thread
 from mindtrace.jobs.backends.base import Backend
+from mindtrace.jobs.constants import CLOSE_GRACE
 from mindtrace.jobs.consumer import AsyncConsumer
 from mindtrace.jobs.errors import UsageError
 from mindtrace.jobs.orchestrator import AsyncOrchestrator
@@ -88,9 +89,9 @@ class Orchestrator:
         """See :meth:`AsyncOrchestrator.requeue_dead_letters`."""
         return self._thread.run(self.aio.requeue_dead_letters(queue_name, limit), "Orchestrator")
 
-    def close(self) -> None:
+    def close(self, grace: float = CLOSE_GRACE) -> None:
         """See :meth:`AsyncOrchestrator.close`."""
-        return self._thread.run(self.aio.close(), "Orchestrator")
+        return self._thread.run(self.aio.close(grace), "Orchestrator")
 
     def __enter__(self) -> Orchestrator:
         return self

@@ -242,12 +242,16 @@ class _RabbitMQReceiver(Receiver):
         if self._closed:
             # Arrived after close() began: give it back, holding the channel open until that is done.
             self._returning += 1
+            task = asyncio.current_task()
+            if task is not None:
+                self._client._late_returns.add(task)
             try:
                 with contextlib.suppress(Exception):
                     await self._client._return(message, self._queue)
             finally:
                 self._returning -= 1
                 await self._discard_if_idle()
+                self._client._late_returns.discard(task)
         elif _on_open_channel(message):  # else it arrived as its channel died: the broker has it back
             self._buffer.append(message)
             self._wake_one()
@@ -489,6 +493,9 @@ class RabbitMQClient(Backend):
         self._publish_channel: AbstractChannel | None = None
         self._publish_lock = asyncio.Lock()
         self._receivers: set[_RabbitMQReceiver] = set()
+        # Late arrivals being given back by closed receivers: close() waits for them, or the broker would
+        # requeue the original of a copy already re-published (a duplicate).
+        self._late_returns: set[asyncio.Task[Any]] = set()
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RabbitMQClient:
@@ -627,6 +634,8 @@ class RabbitMQClient(Backend):
             await self._timed(connection.close())
 
     async def _close(self) -> None:
+        if self._late_returns:
+            await asyncio.wait(set(self._late_returns), timeout=self.operation_timeout)
         for receiver in list(self._receivers):
             receiver._abandon()
         self._receivers.clear()

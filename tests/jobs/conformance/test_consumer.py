@@ -396,3 +396,78 @@ async def test_num_messages_counts_jobs_run_not_jobs_handed_back_unrun(
     assert await asyncio.wait_for(api.consumer(queue, count).consume(num_messages=left), 30) == left
     assert sum(runs.values()) == left
     assert set(runs) == {j.id for j in jobs} - (set() if shared else set(held))
+
+
+async def _consume_until_closed(
+    api: Api, backend_factory: Callable[[], Backend], queue: str, handler: Any, started: list[str], **close: Any
+) -> tuple[int, Api]:
+    """Publish 12 jobs, consume them 4 at a time through a second orchestrator (the same one on a backend
+    no other client shares), close that orchestrator once 6 jobs started; what consume() returned."""
+    schema = image_schema(queue)
+    await api.register(schema)
+    await api.publish_many(queue, [make_job(schema, i) for i in range(12)])
+    closing = api.sibling(backend_factory()) if api.orchestrator.backend.capabilities.shared_queues else api
+    await closing.register(schema)
+    task = asyncio.create_task(closing.consumer(queue, handler).consume(concurrency=4))
+    while len(started) < 6:
+        assert not task.done(), task
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(closing.close(**close), 20)
+    # close() returns once its consumers' consume() calls have (a sync one then only has its thread to leave)
+    return await asyncio.wait_for(task, 2), closing
+
+
+async def test_closing_the_orchestrator_lets_running_jobs_finish_and_be_acked(
+    api: Api, queue: str, backend_factory: Callable[[], Backend]
+) -> None:
+    started: list[str] = []
+    finished: list[str] = []
+
+    async def job_of_300_ms(job: Job) -> None:
+        started.append(job.id)
+        await asyncio.sleep(0.3)
+        finished.append(job.id)
+
+    handled, closing = await _consume_until_closed(api, backend_factory, queue, job_of_300_ms, started)
+    assert handled == len(finished) == len(started) >= 6  # every job started finished within the grace period
+    assert len(set(started)) == len(started)
+    if closing is not api:  # the queue outlives the closed client: finished jobs never run again
+        rest = await _take_the_rest(api, queue, 12 - len(finished))
+        assert {j.id for j in rest}.isdisjoint(finished)
+        assert all(j.attempts == 0 and j.error is None for j in rest)
+
+
+async def test_closing_the_orchestrator_gives_back_uncharged_the_jobs_still_running_after_the_grace(
+    api: Api, queue: str, backend_factory: Callable[[], Backend]
+) -> None:
+    started: list[str] = []
+    let_go = asyncio.Event()
+
+    async def slow(job: Job) -> None:
+        started.append(job.id)
+        if len(started) > 4:
+            await let_go.wait()
+
+    try:
+        handled, closing = await _consume_until_closed(api, backend_factory, queue, slow, started, grace=0.2)
+    finally:
+        let_go.set()  # a blocking run is not interrupted: its thread ends once the test lets it
+    assert handled == 4
+    if closing is not api:
+        rest = await _take_the_rest(api, queue, 8)
+        assert {j.id for j in rest}.isdisjoint(started[:4])
+        assert set(started[4:]) <= {j.id for j in rest}  # cut short: given back, uncharged
+        assert all(j.attempts == 0 and j.error is None for j in rest)
+
+
+async def _take_the_rest(api: Api, queue: str, left: int) -> list[Job]:
+    """Consume exactly the ``left`` jobs still queued (and check nothing else is, dead-lettered included)."""
+    rest: list[Job] = []
+
+    async def collect(job: Job) -> None:
+        rest.append(job)
+
+    assert await asyncio.wait_for(api.consumer(queue, collect).consume(num_messages=left), 20) == left
+    assert await api.receive_message(queue, timeout=0.3) is None
+    assert await api.count_queue_messages(queue + ".dlq") == 0
+    return rest
