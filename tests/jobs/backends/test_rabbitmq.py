@@ -125,26 +125,22 @@ async def wait_until_drained(orchestrator: AsyncOrchestrator, queue: str, runs: 
 # -- (1) a consumer killed mid-job -----------------------------------------------------------------------
 
 
-async def test_jobs_of_a_killed_consumer_go_to_another_consumer(
-    amqp_url: str, queue: str, orchestrator: AsyncOrchestrator, loopback_broker: tuple[str, int]
-) -> None:
-    schema = image_schema(queue)
-    await orchestrator.register(schema)
-    jobs = [make_job(schema, i) for i in range(5)]
-    await orchestrator.publish_many(queue, jobs)
+async def _kill_a_worker_once_it_holds(
+    amqp_url: str, queue: str, jobs: int, orchestrator: AsyncOrchestrator
+) -> set[str]:
+    """Start a consumer process of ``jobs`` at once, SIGKILL it once it started that many; their ids."""
+    ready = await orchestrator.count_queue_messages(queue)
     worker = await asyncio.to_thread(
         subprocess.Popen,
-        [sys.executable, "-m", "tests.jobs.backends.rabbitmq_worker", amqp_url, queue, "3"],
+        [sys.executable, "-m", "tests.jobs.backends.rabbitmq_worker", amqp_url, queue, str(jobs)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
     )
     assert worker.stdout is not None
     try:
-        lines = [await asyncio.wait_for(asyncio.to_thread(worker.stdout.readline), 15) for _ in range(3)]
-        held = {line.split()[1] for line in lines}
-        assert held == {job.id for job in jobs[:3]}  # prefetch 3: the first three, all started
-        assert await orchestrator.count_queue_messages(queue) == 2  # the held ones are not ready
+        lines = [await asyncio.wait_for(asyncio.to_thread(worker.stdout.readline), 15) for _ in range(jobs)]
+        assert await orchestrator.count_queue_messages(queue) == ready - jobs  # the held ones are not ready
         worker.send_signal(signal.SIGKILL)
         await asyncio.to_thread(worker.wait, 10)
     finally:
@@ -152,6 +148,18 @@ async def test_jobs_of_a_killed_consumer_go_to_another_consumer(
             worker.kill()
             worker.wait(10)
         worker.stdout.close()
+    return {line.split()[1] for line in lines}
+
+
+async def test_jobs_of_a_killed_consumer_go_to_another_consumer(
+    amqp_url: str, queue: str, orchestrator: AsyncOrchestrator, loopback_broker: tuple[str, int]
+) -> None:
+    schema = image_schema(queue)
+    await orchestrator.register(schema)
+    jobs = [make_job(schema, i) for i in range(5)]
+    await orchestrator.publish_many(queue, jobs)
+    held = await _kill_a_worker_once_it_holds(amqp_url, queue, 3, orchestrator)
+    assert held == {job.id for job in jobs[:3]}  # prefetch 3: the first three, all started
 
     seen: dict[str, int] = {}
     async with await orchestrator.backend.open_receiver(queue, prefetch=1) as receiver:
@@ -174,24 +182,7 @@ async def test_after_a_kill_consume_one_returns_only_once_the_redelivered_job_ra
     await orchestrator.register(schema)
     job = make_job(schema, 1)
     await orchestrator.publish(queue, job)
-    worker = await asyncio.to_thread(
-        subprocess.Popen,
-        [sys.executable, "-m", "tests.jobs.backends.rabbitmq_worker", amqp_url, queue, "1"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert worker.stdout is not None
-    try:
-        line = await asyncio.wait_for(asyncio.to_thread(worker.stdout.readline), 15)
-        assert line.split() == ["started", job.id]
-        worker.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(worker.wait, 10)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait(10)
-        worker.stdout.close()
+    assert await _kill_a_worker_once_it_holds(amqp_url, queue, 1, orchestrator) == {job.id}
     runs: list[Job] = []
 
     async def record(received: Job) -> None:
