@@ -202,6 +202,8 @@ class AsyncConsumer(abc.ABC):
         return budget.handled
 
     async def _work(self, receiver: Receiver, budget: _Budget) -> None:
+        worker = asyncio.current_task()
+        assert worker is not None
         delay = _RECONNECT_DELAY
         while not self._stopping and budget.take():
             try:
@@ -217,7 +219,7 @@ class AsyncConsumer(abc.ABC):
                 continue
             delay = _RECONNECT_DELAY
             try:
-                handled = await self._handle(delivery)
+                handled = await self._handle(delivery, worker)
             except asyncio.CancelledError:
                 if not self._was_evicted():
                     raise
@@ -252,7 +254,7 @@ class AsyncConsumer(abc.ABC):
         finally:
             self._idle.discard(worker)
 
-    async def _handle(self, delivery: Delivery) -> bool:
+    async def _handle(self, delivery: Delivery, worker: asyncio.Task[None]) -> bool:
         """Decode, decide before the run, run, decide after it, settle once; whether the job counts as handled."""
         orchestrator = self.orchestrator
         try:
@@ -263,26 +265,22 @@ class AsyncConsumer(abc.ABC):
             counted = orchestrator.backend.capabilities.counted_deliveries
             outcome = before_run(job, delivery.delivery_count, self.retry_policy, counted_deliveries=counted)
             if outcome.action is Action.RUN:
-                outcome = await self._run(delivery, job)
+                self._running[delivery] = worker  # its lease is renewed; shutdown() may cut it short
+                try:
+                    result = await self.run(job)
+                    self._check_output(job, result)
+                except Exception as exc:
+                    outcome = after_run(job, exc, self.retry_policy)
+                except BaseException:
+                    # Cancelled (or interrupted) mid-job: the job goes back to its queue, whatever happens next.
+                    await asyncio.shield(self._settle(delivery, release(job)))
+                    raise
+                else:
+                    outcome = after_run(job, None, self.retry_policy)
+                finally:
+                    self._running.pop(delivery, None)
         await self._settle(delivery, outcome)
         return outcome.counts
-
-    async def _run(self, delivery: Delivery, job: Job) -> Outcome:
-        worker = asyncio.current_task()
-        assert worker is not None
-        self._running[delivery] = worker
-        try:
-            result = await self.run(job)
-            self._check_output(job, result)
-        except Exception as exc:
-            return after_run(job, exc, self.retry_policy)
-        except BaseException:
-            # Cancelled (or interrupted) mid-job: the job goes back to its queue, whatever happens next.
-            await asyncio.shield(self._settle(delivery, release(job)))
-            raise
-        finally:
-            self._running.pop(delivery, None)
-        return after_run(job, None, self.retry_policy)
 
     async def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
         try:

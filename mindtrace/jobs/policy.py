@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from mindtrace.jobs.constants import MAX_RETRIES, MAX_RETRY_DELAY, RETRY_BACKOFF, RETRY_DELAY, UNDECODABLE_SCHEMA
 from mindtrace.jobs.errors import ConfigurationError, DecodeError
@@ -86,9 +86,8 @@ class Action(enum.Enum):
     DEAD_LETTER = "dead_letter"
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """A decision about one claimed message: an :class:`Action` and the job to settle it with.
+class Outcome(NamedTuple):
+    """A decision about one claimed message (immutable): an :class:`Action` and the job to settle it with.
 
     ``job`` carries the updated fields (``attempts``, ``error``) the settle verb writes back; the job handed
     to the decision is never modified. ``delay`` (seconds) and ``resumes`` (see ``OutgoingMessage``) apply to

@@ -33,6 +33,10 @@ ENVELOPE_V1_FIELDS: frozenset[str] = frozenset(
 )
 
 
+_REQUIRED_FIELDS = tuple(name for name in _JOB_FIELDS if name in ENVELOPE_V1_FIELDS)
+_LATER_FIELDS = tuple(name for name in _JOB_FIELDS if name not in ENVELOPE_V1_FIELDS)
+
+
 def _plain(value: Any) -> Any:
     """A field value as JSON carries it: an enum as its value, a datetime in ISO 8601, anything else as is."""
     if isinstance(value, enum.Enum):
@@ -143,7 +147,8 @@ def decode(raw: bytes, schemas: Mapping[str, SchemaTypes], *, queue: str | None 
             output = output_type
         elif kind == _OUTPUT_VALUE:
             output = output_type.model_validate(output_data)
-        fields = {name: data[name] for name in _JOB_FIELDS if name in ENVELOPE_V1_FIELDS or name in data}
+        fields = {name: data[name] for name in _REQUIRED_FIELDS}
+        fields.update((name, data[name]) for name in _LATER_FIELDS if name in data)
         return Job(payload=JobSchema(name=schema_name, input=job_input, output=output), **fields)
     except KeyError as exc:
         raise DecodeError(f"missing field {exc.args[0]!r}", raw, queue=queue, job_id=job_id) from exc

@@ -36,9 +36,9 @@ PLANTS = (
     Plant(
         "ack before run",
         "mindtrace/jobs/consumer.py",
-        "            result = await self.run(job)\n",
-        "            await self.orchestrator.backend.ack(delivery)  # PLANTED\n"
-        "            result = await self.run(job)\n",
+        "                    result = await self.run(job)\n",
+        "                    await self.orchestrator.backend.ack(delivery)  # PLANTED\n"
+        "                    result = await self.run(job)\n",
         (
             "tests/jobs/faults/test_consumer_kills.py",
             "tests/jobs/conformance/test_consumer.py::test_failing_job_is_retried_then_dead_lettered_with_its_error",
