@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from mindtrace.jobs.backends import from_url
 from mindtrace.jobs.backends import load_backend_class as _load_backend_class
-from mindtrace.jobs.backends.base import Backend, QueueOptions
+from mindtrace.jobs.backends.base import Backend, Capabilities, QueueOptions
 from mindtrace.jobs.backends.local import LocalClient
 from mindtrace.jobs.consumer import AsyncConsumer
 from mindtrace.jobs.errors import (
@@ -32,6 +32,7 @@ from mindtrace.jobs.errors import (
     WrongEventLoopError,
 )
 from mindtrace.jobs.orchestrator import AsyncOrchestrator
+from mindtrace.jobs.policy import RetryPolicy
 from mindtrace.jobs.sync import Consumer, Orchestrator
 from mindtrace.jobs.types import QUEUE_MAPPING, Job, JobInput, JobOutput, JobSchema, JobType, job_from_schema
 from mindtrace.jobs.wire import UndecodableMessage
@@ -56,6 +57,7 @@ __all__ = [
     "BackendError",
     "BackendRefusedError",
     "BackendUnavailableError",
+    "Capabilities",
     "ClosedError",
     "ConfigurationError",
     "Consumer",
@@ -82,6 +84,7 @@ __all__ = [
     "QueueOptions",
     "RabbitMQClient",
     "RedisClient",
+    "RetryPolicy",
     "UndecodableMessage",
     "UsageError",
     "WrongEventLoopError",

@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 
 class _Closable(Protocol):
-    async def close(self) -> None: ...
+    async def close(self, grace: float = ...) -> None: ...
 
 
 class LoopThread:
@@ -107,7 +107,8 @@ class LoopThread:
         if closables and self.thread.is_alive():
 
             async def close_all() -> None:
-                await asyncio.gather(*(c.close() for c in closables), return_exceptions=True)
+                # No grace at exit: running jobs are given back uncharged at once, within the exit bound.
+                await asyncio.gather(*(c.close(grace=0.0) for c in closables), return_exceptions=True)
 
             future = asyncio.run_coroutine_threadsafe(close_all(), self.loop)
             try:

@@ -59,6 +59,9 @@ CONNECT_TIMEOUT: Final = 10.0
 #: Seconds to wait for a broker's answer to one operation (connect, confirm, RPC).
 OPERATION_TIMEOUT: Final = 10.0
 
+#: Seconds an orchestrator's ``close()`` lets the jobs running on its consumers finish before giving them back.
+CLOSE_GRACE: Final = 10.0
+
 #: Seconds the blocking API waits at interpreter exit for open orchestrators to close.
 EXIT_CLOSE_TIMEOUT: Final = 1.0
 

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mindtrace.jobs.backends.base import Delivery, Receiver, dead_letter_queue_name, validate_queue_name
-from mindtrace.jobs.constants import MAX_RETRIES, MAX_RETRY_DELAY, RETRY_BACKOFF, RETRY_DELAY
+from mindtrace.jobs.constants import CLOSE_GRACE
 from mindtrace.jobs.errors import (
     BackendError,
     BackendRefusedError,
@@ -19,14 +19,13 @@ from mindtrace.jobs.errors import (
     ConfigurationError,
     DecodeError,
     JobValidationError,
-    PayloadTooLargeError,
     QueueError,
     QueueNotFoundError,
     UsageError,
 )
-from mindtrace.jobs.orchestrator import AsyncOrchestrator, outgoing
+from mindtrace.jobs.orchestrator import AsyncOrchestrator
+from mindtrace.jobs.policy import Action, Outcome, RetryPolicy, after_run, before_run, release, undecodable
 from mindtrace.jobs.types import Job, JobOutput
-from mindtrace.jobs.wire import undecodable_job
 
 logger = logging.getLogger("mindtrace.jobs")
 
@@ -34,16 +33,12 @@ logger = logging.getLogger("mindtrace.jobs")
 _RECONNECT_DELAY, _RECONNECT_MAX_DELAY = 0.1, 5.0
 
 
-def _count(n: int, noun: str) -> str:
-    """``n`` and ``noun``, plural unless n is 1: "1 time", "3 times"."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 class _Budget:
-    """How many more messages this consume() call may take; None is unlimited."""
+    """How many more jobs this consume() call may settle (None: unlimited), and how many it did."""
 
     def __init__(self, limit: int | None) -> None:
         self.left = limit
+        self.handled = 0
 
     def take(self) -> bool:
         if self.left is None:
@@ -63,7 +58,9 @@ class AsyncConsumer(abc.ABC):
 
     Delivery is at least once: a job is acknowledged only after ``run`` returns, so a job may run more than
     once (after a crash, a lost lease or a lost connection): make ``run`` idempotent. When ``run`` raises,
-    the job is retried up to ``max_retries`` times, the n-th retry waiting
+    the job is retried as its :class:`RetryPolicy` says (``retry_policy``, or the defaults; the keyword
+    options ``max_retries`` (3), ``retry_delay`` (1.0 s), ``retry_backoff`` (2.0) and ``max_retry_delay``
+    (300 s) replace its fields): up to ``max_retries`` times, the n-th retry waiting
     ``retry_delay * retry_backoff ** (n - 1)`` seconds (at most ``max_retry_delay``), then moved to the
     queue's dead-letter queue (``<queue>.dlq``) with ``job.error`` and ``job.attempts`` recorded. A message
     that is not a job goes to the dead-letter queue at once. ``run``'s return value, when not None, must
@@ -75,15 +72,19 @@ class AsyncConsumer(abc.ABC):
         self,
         job_type_name: str,
         *,
-        max_retries: int = MAX_RETRIES,
-        retry_delay: float = RETRY_DELAY,
-        retry_backoff: float = RETRY_BACKOFF,
-        max_retry_delay: float = MAX_RETRY_DELAY,
+        retry_policy: RetryPolicy | None = None,
+        max_retries: int | None = None,
+        retry_delay: float | None = None,
+        retry_backoff: float | None = None,
+        max_retry_delay: float | None = None,
     ) -> None:
-        if max_retries < 0:
-            raise ConfigurationError(f"max_retries must be >= 0, not {max_retries}")
-        if retry_delay < 0 or retry_backoff < 1 or max_retry_delay < 0:
-            raise ConfigurationError("retry_delay and max_retry_delay must be >= 0 and retry_backoff >= 1")
+        self.retry_policy = RetryPolicy.of(
+            retry_policy,
+            max_retries=max_retries,
+            retry_delay=retry_delay,
+            retry_backoff=retry_backoff,
+            max_retry_delay=max_retry_delay,
+        )
         if dead_letter_queue_name(validate_queue_name(job_type_name)) == job_type_name:
             raise QueueError(
                 f"{job_type_name!r} is a dead-letter queue: a consumer of it would dead-letter failed jobs back "
@@ -91,25 +92,27 @@ class AsyncConsumer(abc.ABC):
                 queue=job_type_name,
             )
         self.queue_name = job_type_name
-        self.max_retries = max_retries
-        self.retry_delay = retry_delay
-        self.retry_backoff = retry_backoff
-        self.max_retry_delay = max_retry_delay
         self._orchestrator: AsyncOrchestrator | None = None
         self._stopping = False
         self._idle: set[asyncio.Task[Any]] = set()  # workers waiting for a message, which stop() cancels
-        self._leased: set[Delivery] = set()  # running jobs whose leases the keeper renews
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._workers: set[asyncio.Task[None]] = set()  # the workers of every consume() call running
+        self._consuming: set[asyncio.Future[None]] = set()  # one per consume() call running, done when it ends
+        self._running: dict[Delivery, asyncio.Task[None]] = {}  # jobs inside run(), by the worker running them
+        self._evicted: set[asyncio.Task[None]] = set()  # workers shutdown() cancelled: they end quietly
 
     @abc.abstractmethod
     async def run(self, job: Job) -> Any:
         """Process one job. Return None or an output matching the schema's output type; raise to retry."""
 
     def connect(self, orchestrator: AsyncOrchestrator) -> None:
-        """Consume through ``orchestrator``: its backend and its registered schemas."""
+        """Consume through ``orchestrator``: its backend and its registered schemas.
+
+        The orchestrator's ``close()`` then stops this consumer first (see :meth:`shutdown`).
+        """
         if not isinstance(orchestrator, AsyncOrchestrator):
             raise UsageError(f"connect() takes an AsyncOrchestrator, not {type(orchestrator).__name__}")
         self._orchestrator = orchestrator
+        orchestrator.attach(self)
 
     @property
     def orchestrator(self) -> AsyncOrchestrator:
@@ -117,6 +120,11 @@ class AsyncConsumer(abc.ABC):
         if self._orchestrator is None:
             raise UsageError(f"consumer of {self.queue_name!r} is not connected: call connect(orchestrator)")
         return self._orchestrator
+
+    @property
+    def consuming(self) -> bool:
+        """Whether a ``consume()`` call of this consumer is running."""
+        return bool(self._consuming)
 
     def stop(self) -> None:
         """Ask ``consume()`` to return: no new job is claimed, jobs already running finish and are settled.
@@ -127,11 +135,41 @@ class AsyncConsumer(abc.ABC):
         for task in list(self._idle):
             task.cancel()
 
-    async def consume(self, num_messages: int | None = None, concurrency: int = 1) -> int:
-        """Process jobs from the queue until ``num_messages`` were handled (None: until ``stop()``).
+    async def shutdown(self, grace: float = CLOSE_GRACE) -> tuple[int, int]:
+        """Stop every running ``consume()`` and wait until each has returned.
 
-        ``concurrency`` jobs run at once. Returns how many messages were handled. Cancelling this call
-        gives every claimed, unfinished job back to its queue.
+        No new job is claimed; jobs running get ``grace`` seconds to finish and be settled; those still
+        running then are cancelled and given back to their queue uncharged (their ``run`` is cancelled; a
+        blocking ``run`` of the sync Consumer finishes in its thread, unheard). Returns
+        ``(settled, given_back)``: how many running jobs finished within the grace period, and how many
+        were given back. The orchestrator's ``close()`` calls it for every consumer connected to it.
+        """
+        if not grace >= 0:
+            raise ConfigurationError(f"grace must be a number of seconds >= 0, not {grace}")
+        me = asyncio.current_task()
+        was_running = sum(task is not me for task in self._running.values())
+        self.stop()
+        given_back = 0
+        try:
+            workers = self._workers - {me}  # a run that closes its own orchestrator is not waited for
+            if workers:
+                await asyncio.wait(workers, timeout=grace)
+        finally:
+            for task in set(self._running.values()) - {me}:
+                self._evicted.add(task)
+                task.cancel()
+                given_back += 1
+            if self._consuming:
+                await asyncio.wait(set(self._consuming))
+        return was_running - given_back, given_back
+
+    async def consume(self, num_messages: int | None = None, concurrency: int = 1) -> int:
+        """Process jobs from the queue until ``num_messages`` jobs were handled (None: until ``stop()``).
+
+        A job is handled when a run of it ended (acked, retried or dead-lettered) or a rule dead-lettered it
+        unrun (undecodable, over its budget of lost runs); a message handed back to the queue unrun (a
+        recorded redelivery) is not. ``concurrency`` jobs run at once. Returns how many jobs were handled.
+        Cancelling this call gives every claimed, unfinished job back to its queue.
         """
         if num_messages is not None and num_messages < 0:
             raise ConfigurationError(f"num_messages must be >= 0 or None, not {num_messages}")
@@ -139,26 +177,35 @@ class AsyncConsumer(abc.ABC):
             raise ConfigurationError(f"concurrency must be >= 1, not {concurrency}")
         orchestrator = self.orchestrator
         self._stopping = False
-        self._loop = asyncio.get_running_loop()
         budget = _Budget(num_messages)
-        handled = [0]
-        lease = orchestrator.backend.lease_timeout
-        async with await orchestrator.open_receiver(self.queue_name, prefetch=concurrency) as receiver:
-            workers = [asyncio.create_task(self._work(receiver, budget, handled)) for _ in range(concurrency)]
-            # One task renews every running job's lease, rather than one task per job.
-            keeper = None if lease is None else asyncio.create_task(self._keep_leases(lease))
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for worker in workers:
-                    worker.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
-                if keeper is not None:
-                    keeper.cancel()
-                    await asyncio.gather(keeper, return_exceptions=True)
-        return handled[0]
+        lease = orchestrator.backend.capabilities.lease_timeout
+        finished = asyncio.get_running_loop().create_future()
+        self._consuming.add(finished)
+        try:
+            async with await orchestrator.open_receiver(self.queue_name, prefetch=concurrency) as receiver:
+                workers = [asyncio.create_task(self._work(receiver, budget)) for _ in range(concurrency)]
+                self._workers.update(workers)
+                # One task renews every running job's lease, rather than one task per job.
+                keeper = None if lease is None else asyncio.create_task(self._keep_leases(lease))
+                try:
+                    await asyncio.gather(*workers)
+                finally:
+                    for worker in workers:
+                        worker.cancel()
+                    await asyncio.gather(*workers, return_exceptions=True)
+                    self._workers.difference_update(workers)
+                    self._evicted.difference_update(workers)
+                    if keeper is not None:
+                        keeper.cancel()
+                        await asyncio.gather(keeper, return_exceptions=True)
+        finally:
+            self._consuming.discard(finished)
+            finished.set_result(None)
+        return budget.handled
 
-    async def _work(self, receiver: Receiver, budget: _Budget, handled: list[int]) -> None:
+    async def _work(self, receiver: Receiver, budget: _Budget) -> None:
+        worker = asyncio.current_task()
+        assert worker is not None
         delay = _RECONNECT_DELAY
         while not self._stopping and budget.take():
             try:
@@ -188,8 +235,23 @@ class AsyncConsumer(abc.ABC):
                 budget.give_back()
                 continue
             delay = _RECONNECT_DELAY
-            await self._handle(delivery)
-            handled[0] += 1
+            try:
+                handled = await self._handle(delivery, worker)
+            except asyncio.CancelledError:
+                if not self._was_evicted():
+                    raise
+                return
+            if handled:
+                budget.handled += 1
+            else:
+                budget.give_back()
+
+    def _was_evicted(self) -> bool:
+        """In a worker that caught CancelledError: whether only shutdown() cancelled it (it then ends quietly)."""
+        worker = asyncio.current_task()
+        if worker not in self._evicted:
+            return False
+        return not (sys.version_info >= (3, 11) and worker is not None and worker.uncancel() > 0)
 
     async def _declare_lost_queue(self, delay: float) -> None:
         """The broker lost the queue under this consumer (deleted elsewhere, or a broker restart without
@@ -221,83 +283,37 @@ class AsyncConsumer(abc.ABC):
         finally:
             self._idle.discard(worker)
 
-    async def _handle(self, delivery: Delivery) -> None:
-        backend = self.orchestrator.backend
+    async def _handle(self, delivery: Delivery, worker: asyncio.Task[None]) -> bool:
+        """Decode, decide before the run, run, decide after it, settle once; whether the job counts as handled."""
+        orchestrator = self.orchestrator
         try:
-            job = self.orchestrator.decode(delivery.body, delivery.queue)
+            job = orchestrator.decode(delivery.body, delivery.queue)
         except DecodeError as exc:
-            logger.warning("dead-lettering an undecodable message from %r: %s", delivery.queue, exc.reason)
-            await self._settle(backend.dead_letter(delivery, outgoing(undecodable_job(exc))), delivery)
-            return
-        if delivery.delivery_count > 1 and not backend.counts_deliveries:
-            # The broker only flags redeliveries: record the lost run on the job itself before running it
-            # again, so a job that kills its consumer is still dead-lettered after max_retries + 1 runs.
-            job.attempts += 1
-            job.error = "redelivered: the consumer running it died, lost its connection or gave it back"
-            if job.attempts > self.max_retries:
-                logger.warning("dead-lettering job %s after %s", job.id, _count(job.attempts, "lost run"))
-                await self._settle(backend.dead_letter(delivery, outgoing(job)), delivery)
-            else:
-                await self._retry(delivery, job, 0.0, resumes=True)
-            return
-        if job.attempts + delivery.delivery_count - 1 > self.max_retries:
-            # Failed runs plus runs that never settled are over the budget: its runs kill or stall the
-            # consumer (a poison job).
-            job.attempts += delivery.delivery_count - 1
-            job.error = (
-                f"delivered {_count(delivery.delivery_count, 'time')} without being settled: "
-                "the consumer died or lost its lease while running it"
-            )
-            logger.warning("dead-lettering job %s: %s", job.id, job.error)
-            await self._settle(backend.dead_letter(delivery, outgoing(job)), delivery)
-            return
-        try:
-            if backend.lease_timeout is None:
-                result = await self.run(job)
-            else:
-                self._leased.add(delivery)
+            outcome = undecodable(exc)
+        else:
+            counted = orchestrator.backend.capabilities.counted_deliveries
+            outcome = before_run(job, delivery.delivery_count, self.retry_policy, counted_deliveries=counted)
+            if outcome.action is Action.RUN:
+                self._running[delivery] = worker  # its lease is renewed; shutdown() may cut it short
                 try:
                     result = await self.run(job)
+                    self._check_output(job, result)
+                except Exception as exc:
+                    outcome = after_run(job, exc, self.retry_policy)
+                except BaseException:
+                    # Cancelled (or interrupted) mid-job: the job goes back to its queue, whatever happens next.
+                    await asyncio.shield(self._settle(delivery, release(job)))
+                    raise
+                else:
+                    outcome = after_run(job, None, self.retry_policy)
                 finally:
-                    self._leased.discard(delivery)
-            self._check_output(job, result)
-        except Exception as exc:
-            await self._fail(delivery, job, exc)
-        except BaseException:
-            # Cancelled (or interrupted) mid-job: the job goes back to its queue, whatever happens next.
-            await asyncio.shield(self._settle(backend.release(delivery), delivery))
-            raise
-        else:
-            await self._settle(backend.ack(delivery), delivery)
+                    self._running.pop(delivery, None)
+        await self._settle(delivery, outcome)
+        return outcome.counts
 
-    async def _fail(self, delivery: Delivery, job: Job, exc: Exception) -> None:
-        backend = self.orchestrator.backend
-        job.attempts += 1
-        job.error = f"{type(exc).__name__}: {exc}"
-        # The text may hold lone surrogates (an undecodable file name): keep them as escapes JSON can carry.
-        job.error = job.error.encode("utf-8", "backslashreplace").decode("utf-8")
-        if job.attempts <= self.max_retries:
-            delay = min(self.retry_delay * self.retry_backoff ** (job.attempts - 1), self.max_retry_delay)
-            logger.info("job %s failed (attempt %d), retrying in %.2fs: %s", job.id, job.attempts, delay, job.error)
-            await self._retry(delivery, job, delay)
-        else:
-            logger.warning("job %s failed %s, dead-lettering: %s", job.id, _count(job.attempts, "time"), job.error)
-            await self._settle(backend.dead_letter(delivery, outgoing(job)), delivery)
-
-    async def _retry(self, delivery: Delivery, job: Job, delay: float, *, resumes: bool = False) -> None:
-        """Retry ``job`` after ``delay`` s, or dead-letter it when its recorded error took it over the size limit."""
-        backend = self.orchestrator.backend
+    async def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
         try:
-            await self._settle(backend.retry(delivery, outgoing(job, resumes=resumes), delay), delivery)
-        except PayloadTooLargeError as exc:
-            # Refused before anything was settled; the dead-letter queue takes it whatever its size.
-            job.error = f"{job.error} (not retried: {exc})"
-            logger.warning("dead-lettering job %s: %s", job.id, exc)
-            await self._settle(backend.dead_letter(delivery, outgoing(job)), delivery)
-
-    async def _settle(self, operation: Any, delivery: Delivery) -> None:
-        try:
-            await operation
+            await self.orchestrator.settle(delivery, outcome)
         except BackendError as exc:
             # The broker keeps the message (lease expiry or redelivery); at-least-once still holds.
             logger.warning("could not settle a message from %r (it will be redelivered): %s", delivery.queue, exc)
@@ -328,11 +344,11 @@ class AsyncConsumer(abc.ABC):
         round is extended within ``lease / 3`` s of its start, the same bound a timer per job would give."""
         while True:
             await asyncio.sleep(lease / 3)
-            await asyncio.gather(*(self._renew(delivery, lease) for delivery in list(self._leased)))
+            await asyncio.gather(*(self._renew(delivery, lease) for delivery in list(self._running)))
 
     async def _renew(self, delivery: Delivery, lease: float) -> None:
         backend = self.orchestrator.backend
-        if delivery in self._leased:
+        if delivery in self._running:
             try:
                 await backend.extend(delivery, lease)
             except BackendError as exc:

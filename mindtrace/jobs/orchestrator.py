@@ -6,22 +6,37 @@ import asyncio
 import logging
 import math
 import types
+import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from mindtrace.jobs.backends import from_url
 from mindtrace.jobs.backends.base import (
     Backend,
+    Delivery,
     OutgoingMessage,
     QueueOptions,
     Receiver,
     dead_letter_queue_name,
     validate_queue_name,
 )
-from mindtrace.jobs.constants import DLQ_SUFFIX, UNDECODABLE_SCHEMA
-from mindtrace.jobs.errors import ClosedError, DecodeError, JobValidationError, QueueError, QueueNotFoundError
+from mindtrace.jobs.constants import CLOSE_GRACE, DLQ_SUFFIX
+from mindtrace.jobs.errors import (
+    ClosedError,
+    ConfigurationError,
+    DecodeError,
+    JobValidationError,
+    PayloadTooLargeError,
+    QueueError,
+    QueueNotFoundError,
+    UsageError,
+)
+from mindtrace.jobs.policy import Action, Outcome, requeued, retry_refused, undecodable
 from mindtrace.jobs.types import QUEUE_MAPPING, Job, JobSchema
-from mindtrace.jobs.wire import SchemaTypes, check_against, decode, encode, undecodable_job
+from mindtrace.jobs.wire import SchemaTypes, check_against, decode, encode
+
+if TYPE_CHECKING:
+    from mindtrace.jobs.consumer import AsyncConsumer
 
 logger = logging.getLogger("mindtrace.jobs")
 
@@ -36,7 +51,7 @@ class AsyncOrchestrator:
 
     ``backend`` is a Backend instance (``LocalClient()``, ``RedisClient(...)``, ``RabbitMQClient(...)``) or a
     URL (``memory://``, ``redis://host:6379/0``, ``amqp://user:pass@host/vhost``). Use as ``async with``, or
-    call ``close()``: closing the orchestrator closes its backend.
+    call ``close()``: closing the orchestrator stops the consumers connected to it, then closes its backend.
     """
 
     def __init__(self, backend: Backend | str) -> None:
@@ -47,6 +62,7 @@ class AsyncOrchestrator:
         # Queues this orchestrator declared or saw, with the options to declare them again if the broker
         # loses them (a Redis restart without persistence); a cache, so checked again on QueueNotFoundError.
         self._known_queues: dict[str, QueueOptions] = {}
+        self._consumers: weakref.WeakSet[AsyncConsumer] = weakref.WeakSet()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -204,11 +220,44 @@ class AsyncOrchestrator:
                 try:
                     job = self.decode(delivery.body, queue_name)
                 except DecodeError as exc:
-                    logger.warning("dead-lettering an undecodable message from %r: %s", queue_name, exc.reason)
-                    await self.backend.dead_letter(delivery, outgoing(undecodable_job(exc)))
+                    await self.settle(delivery, undecodable(exc))
                     continue
-                await self.backend.ack(delivery)
+                await self.settle(delivery, Outcome(Action.ACK, job))
                 return job
+
+    async def settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        """Settle a claimed ``delivery`` with the one backend verb ``outcome`` names, and log why.
+
+        A retry the backend refuses as too large (its recorded error grew the job past the size limit) is
+        dead-lettered instead. Backend errors propagate; the message then stays with the broker.
+        """
+        backend, job, queue = self.backend, outcome.job, delivery.queue
+        action = outcome.action
+        if action is Action.ACK:
+            await backend.ack(delivery)
+        elif action is Action.RELEASE:
+            await backend.release(delivery)
+        elif action is Action.RETRY:
+            if outcome.resumes:
+                logger.info("job %s from %r was redelivered: %s, handed back", job.id, queue, outcome.reason)
+            else:
+                logger.info(
+                    "job %s from %r failed (attempt %d), retrying in %.2fs: %s",
+                    job.id,
+                    queue,
+                    job.attempts,
+                    outcome.delay,
+                    outcome.reason,
+                )
+            try:
+                await backend.retry(delivery, outgoing(job, resumes=outcome.resumes), outcome.delay)
+            except PayloadTooLargeError as exc:  # refused before anything was settled
+                await self.settle(delivery, retry_refused(outcome, exc))
+        elif action is Action.DEAD_LETTER:
+            logger.warning("dead-lettering job %s from %r: %s", job.id, queue, outcome.reason)
+            await backend.dead_letter(delivery, outgoing(job))
+        else:
+            raise UsageError(f"{action} is not a settle verb")
 
     async def count_queue_messages(self, queue_name: str) -> int:
         """Number of jobs ready to run on ``queue_name`` (not those running or waiting for a retry)."""
@@ -251,27 +300,49 @@ class AsyncOrchestrator:
                     if delivery is None:
                         break
                     try:
-                        job = self.decode(delivery.body, dlq)
+                        job = requeued(self.decode(delivery.body, dlq))
                     except DecodeError:
+                        job = None
+                    if job is None:
                         skipped.append(delivery)
                         continue
-                    if job.payload.name == UNDECODABLE_SCHEMA:
-                        skipped.append(delivery)
-                        continue
-                    job.attempts, job.error = 0, None
                     await self.publish(queue_name, job)
-                    await self.backend.ack(delivery)
+                    await self.settle(delivery, Outcome(Action.ACK, job))
                     moved += 1
             finally:
                 for delivery in skipped:
                     await self.backend.release(delivery)
         return moved
 
-    async def close(self) -> None:
-        """Close the backend. Further calls raise ClosedError. Idempotent."""
+    def attach(self, consumer: AsyncConsumer) -> None:
+        """Remember (weakly) a consumer connected to this orchestrator, for ``close()`` to stop first."""
+        self._consumers.add(consumer)
+
+    async def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Stop the consumers connected to this orchestrator, then close the backend. Idempotent.
+
+        Each running ``consume()`` claims no new job; its running jobs get ``grace`` seconds to finish and
+        be settled, then the rest are given back to their queue uncharged (see ``AsyncConsumer.shutdown``);
+        what was done is logged. Further calls raise ClosedError.
+        """
+        if not grace >= 0:
+            raise ConfigurationError(f"grace must be a number of seconds >= 0, not {grace}")
         if self._closed:
             return
         self._closed = True
+        consumers = [consumer for consumer in self._consumers if consumer.consuming]
+        if consumers:
+            results = await asyncio.gather(*(consumer.shutdown(grace) for consumer in consumers))
+            settled, given_back = sum(r[0] for r in results), sum(r[1] for r in results)
+            log = logger.warning if given_back else logger.info
+            log(
+                "closing %s: stopped %d consumer(s); %d running job(s) finished, %d given back after the %.1fs grace",
+                self.backend.describe(),
+                len(consumers),
+                settled,
+                given_back,
+                grace,
+            )
         await self.backend.close()
 
     async def __aenter__(self) -> AsyncOrchestrator:

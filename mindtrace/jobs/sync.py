@@ -11,10 +11,11 @@ from typing import Any, overload
 
 from mindtrace.jobs._loop_thread import DaemonPool, get_loop_thread
 from mindtrace.jobs.backends.base import Backend
-from mindtrace.jobs.constants import MAX_RETRIES, MAX_RETRY_DELAY, RETRY_BACKOFF, RETRY_DELAY
+from mindtrace.jobs.constants import CLOSE_GRACE
 from mindtrace.jobs.consumer import AsyncConsumer
 from mindtrace.jobs.errors import UsageError
 from mindtrace.jobs.orchestrator import AsyncOrchestrator
+from mindtrace.jobs.policy import RetryPolicy
 from mindtrace.jobs.types import Job, JobSchema
 from mindtrace.jobs.wire import SchemaTypes
 
@@ -88,9 +89,9 @@ class Orchestrator:
         """See :meth:`AsyncOrchestrator.requeue_dead_letters`."""
         return self._thread.run(self.aio.requeue_dead_letters(queue_name, limit), "Orchestrator")
 
-    def close(self) -> None:
+    def close(self, grace: float = CLOSE_GRACE) -> None:
         """See :meth:`AsyncOrchestrator.close`."""
-        return self._thread.run(self.aio.close(), "Orchestrator")
+        return self._thread.run(self.aio.close(grace), "Orchestrator")
 
     def __enter__(self) -> Orchestrator:
         return self
@@ -139,24 +140,26 @@ class Consumer(abc.ABC):
     """Base class of a blocking worker: subclass it, implement ``run(job)``, ``connect()``, ``consume()``.
 
     ``run`` is a plain function and runs in a thread pool of ``concurrency`` threads, off the event loop, so
-    blocking code is fine. Delivery guarantees, retries and dead-lettering are those of
-    :class:`AsyncConsumer`, which does the work. Ctrl-C during ``consume()`` gives unfinished jobs back to the
-    queue before KeyboardInterrupt propagates.
+    blocking code is fine. Delivery guarantees, retries (``retry_policy`` and the keyword options) and
+    dead-lettering are those of :class:`AsyncConsumer`, which does the work. Ctrl-C during ``consume()``
+    gives unfinished jobs back to the queue before KeyboardInterrupt propagates.
     """
 
     def __init__(
         self,
         job_type_name: str,
         *,
-        max_retries: int = MAX_RETRIES,
-        retry_delay: float = RETRY_DELAY,
-        retry_backoff: float = RETRY_BACKOFF,
-        max_retry_delay: float = MAX_RETRY_DELAY,
+        retry_policy: RetryPolicy | None = None,
+        max_retries: int | None = None,
+        retry_delay: float | None = None,
+        retry_backoff: float | None = None,
+        max_retry_delay: float | None = None,
     ) -> None:
         self._thread = get_loop_thread()
         self.aio = _ThreadedRun(
             self,
             job_type_name,
+            retry_policy=retry_policy,
             max_retries=max_retries,
             retry_delay=retry_delay,
             retry_backoff=retry_backoff,

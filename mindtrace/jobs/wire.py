@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -19,6 +21,29 @@ WIRE_VERSION = 1
 
 # Output given as a class, as an instance, or not at all: kept so a job comes back equal.
 _OUTPUT_NONE, _OUTPUT_TYPE, _OUTPUT_VALUE = 0, 1, 2
+
+# The envelope holds every Job field but the payload, under its own name and in the model's order, followed by
+# the payload as ``schema``, ``input``, ``output_kind`` and ``output``. A new Job field is written and read
+# with no edit here; a field missing from an envelope takes its default, unless version 1 already had it.
+_JOB_FIELDS = tuple(name for name in Job.model_fields if name != "payload")
+
+#: The Job fields version 1 of the envelope carries: each is required in every envelope (never edit this set).
+ENVELOPE_V1_FIELDS: frozenset[str] = frozenset(
+    {"id", "name", "job_type", "priority", "entrypoint", "created_at", "attempts", "error", "metadata"}
+)
+
+
+_REQUIRED_FIELDS = tuple(name for name in _JOB_FIELDS if name in ENVELOPE_V1_FIELDS)
+_LATER_FIELDS = tuple(name for name in _JOB_FIELDS if name not in ENVELOPE_V1_FIELDS)
+
+
+def _plain(value: Any) -> Any:
+    """A field value as JSON carries it: an enum as its value, a datetime in ISO 8601, anything else as is."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
 
 
 class _UntypedInput(JobInput, extra="allow"):
@@ -99,22 +124,14 @@ def encode(job: Job) -> bytes:
         output_kind, output_value = _OUTPUT_TYPE, None
     else:
         output_kind, output_value = _OUTPUT_VALUE, output.model_dump(mode="json")
-    envelope: dict[str, Any] = {
-        "v": WIRE_VERSION,
-        "id": job.id,
-        "name": job.name,
-        "job_type": job.job_type.value,
-        "priority": job.priority,
-        "entrypoint": job.entrypoint,
-        "created_at": job.created_at.isoformat(),
-        "attempts": job.attempts,
-        "error": job.error,
-        "metadata": job.metadata,
-        "schema": payload.name,
-        "input": None if isinstance(payload.input, type) else payload.input.model_dump(mode="json"),
-        "output_kind": output_kind,
-        "output": output_value,
-    }
+    envelope: dict[str, Any] = {"v": WIRE_VERSION}
+    for name in type(job).model_fields:
+        if name != "payload":
+            envelope[name] = _plain(getattr(job, name))
+    envelope["schema"] = payload.name
+    envelope["input"] = None if isinstance(payload.input, type) else payload.input.model_dump(mode="json")
+    envelope["output_kind"] = output_kind
+    envelope["output"] = output_value
     try:
         return to_json(envelope)
     except PydanticSerializationError as exc:
@@ -157,18 +174,9 @@ def decode(raw: bytes, schemas: Mapping[str, SchemaTypes], *, queue: str | None 
             output = output_type
         elif kind == _OUTPUT_VALUE:
             output = output_type.model_validate(output_data)
-        return Job(
-            id=data["id"],
-            name=data["name"],
-            job_type=data["job_type"],
-            payload=JobSchema(name=schema_name, input=job_input, output=output),
-            priority=data["priority"],
-            entrypoint=data["entrypoint"],
-            created_at=data["created_at"],
-            attempts=data["attempts"],
-            error=data["error"],
-            metadata=data["metadata"],
-        )
+        fields = {name: data[name] for name in _REQUIRED_FIELDS}
+        fields.update((name, data[name]) for name in _LATER_FIELDS if name in data)
+        return Job(payload=JobSchema(name=schema_name, input=job_input, output=output), **fields)
     except KeyError as exc:
         raise DecodeError(f"missing field {exc.args[0]!r}", raw, queue=queue, job_id=job_id) from exc
     except ValidationError as exc:

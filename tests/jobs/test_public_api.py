@@ -17,6 +17,7 @@ EXPECTED = {
     "LocalClient", "LoopThreadError", "MissingDependencyError", "Orchestrator", "PayloadTooLargeError",
     "PublishError", "QueueConflictError", "QueueError", "QueueNotFoundError", "QueueOptions", "RabbitMQClient",
     "RedisClient", "UndecodableMessage", "UsageError", "WrongEventLoopError", "from_url", "job_from_schema",
+    "Capabilities", "RetryPolicy",
 }  # fmt: skip
 
 

@@ -5,7 +5,8 @@ backend implements and that only does I/O. The orchestrator and consumer know no
 
 Delivery model: ``open_receiver(queue)`` claims messages as :class:`Delivery` objects. A claimed message is
 held (leased, or unacked) until exactly one of ``ack``, ``release``, ``retry`` or ``dead_letter`` settles it;
-if its holder dies, the broker makes it ready again (after ``lease_timeout`` on brokers with leases).
+if its holder dies, the broker makes it ready again (after ``capabilities.lease_timeout`` on brokers with leases).
+What a backend can do beyond the common contract is one frozen value, :class:`Capabilities`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import asyncio
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from mindtrace.jobs.constants import (
     DLQ_SUFFIX,
@@ -57,6 +58,41 @@ class QueueOptions:
         if "durable" in options and not isinstance(options["durable"], bool):
             raise ConfigurationError(f"option durable for queue {queue!r} must be a bool")
         return cls(**options)
+
+
+#: Distinct job priorities, ``MIN_PRIORITY`` to ``MAX_PRIORITY``.
+PRIORITY_LEVELS = MAX_PRIORITY - MIN_PRIORITY + 1
+
+#: How a backend can take one queued job out of its queue: ``"remove"`` deletes it where it waits,
+#: ``"tombstone"`` can only mark it so the consumer drops it when it comes up, ``"none"``: neither.
+QueuedJobRemoval = Literal["remove", "tombstone", "none"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one backend can do beyond the common contract; the consumer and the conformance suite read it.
+
+    - ``lease_timeout``: seconds a claim stays valid without ``extend`` (the consumer renews it), or None
+      when the broker tracks its consumers' liveness itself and holds a claim for as long as they live.
+    - ``counted_deliveries``: ``Delivery.delivery_count`` counts every hand-out (True), or only flags a
+      redelivery with 2 (False), in which case the consumer records each redelivery on the job.
+    - ``exact_delays``: a retry becomes ready when its delay ends (True), or up to a bounded time later.
+    - ``max_delay``: the longest delay honoured, in seconds (None: no limit); longer ones are capped.
+    - ``priority_levels``: distinct priorities kept in order (``MIN_PRIORITY`` .. ``MAX_PRIORITY``: 10).
+    - ``queued_job_removal``: how one queued job can be taken out (see :data:`QueuedJobRemoval`).
+    - ``can_list_queues``: whether the backend can enumerate its queues.
+    - ``shared_queues``: queues live in a broker that other clients and processes share, and outlive this
+      client's ``close()`` (False for the in-process memory backend).
+    """
+
+    lease_timeout: float | None
+    counted_deliveries: bool
+    exact_delays: bool
+    max_delay: float | None
+    priority_levels: int
+    queued_job_removal: QueuedJobRemoval
+    can_list_queues: bool
+    shared_queues: bool
 
 
 @dataclass(frozen=True)
@@ -189,6 +225,7 @@ class Backend(abc.ABC):
     - a claimed message is not handed to anyone else until settled, or its holder dies;
     - ``declare_queue`` is idempotent and also declares the queue's dead-letter queue;
     - ``count`` counts ready messages only (not claimed, not waiting for a retry delay).
+    Where backends differ, ``capabilities`` says how.
 
     A backend is bound to the first event loop that uses it; use from another loop raises
     WrongEventLoopError.
@@ -197,12 +234,9 @@ class Backend(abc.ABC):
     #: URL schemes this backend answers to in ``from_url``.
     schemes: ClassVar[tuple[str, ...]] = ()
 
-    #: Seconds a claim stays valid without ``extend``; None when the broker tracks liveness itself.
-    lease_timeout: float | None = None
-
-    #: Whether ``Delivery.delivery_count`` counts every hand-out (True) or only flags a redelivery with 2.
-    #: When it only flags, the consumer records each redelivery on the job (``attempts``) by republishing it.
-    counts_deliveries: ClassVar[bool] = True
+    #: What this backend can do; every backend declares it (a class attribute, or set in ``__init__`` when it
+    #: depends on the configuration).
+    capabilities: Capabilities
 
     def __init__(self, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
         if max_payload_bytes <= 0:

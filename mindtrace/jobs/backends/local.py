@@ -9,7 +9,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from mindtrace.jobs.backends.base import Backend, Delivery, OutgoingMessage, QueueOptions, Receiver
+from mindtrace.jobs.backends.base import (
+    PRIORITY_LEVELS,
+    Backend,
+    Capabilities,
+    Delivery,
+    OutgoingMessage,
+    QueueOptions,
+    Receiver,
+)
 from mindtrace.jobs.constants import MAX_PAYLOAD_BYTES
 from mindtrace.jobs.errors import QueueConflictError, QueueNotFoundError
 
@@ -83,6 +91,17 @@ class LocalClient(Backend):
     """
 
     schemes = ("memory",)
+
+    capabilities = Capabilities(
+        lease_timeout=None,  # in-process: a holder cannot die without the queues going with it
+        counted_deliveries=True,
+        exact_delays=True,
+        max_delay=None,
+        priority_levels=PRIORITY_LEVELS,
+        queued_job_removal="remove",
+        can_list_queues=True,
+        shared_queues=False,
+    )
 
     def __init__(self, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
         super().__init__(max_payload_bytes=max_payload_bytes)

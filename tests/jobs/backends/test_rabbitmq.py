@@ -125,26 +125,22 @@ async def wait_until_drained(orchestrator: AsyncOrchestrator, queue: str, runs: 
 # -- (1) a consumer killed mid-job -----------------------------------------------------------------------
 
 
-async def test_jobs_of_a_killed_consumer_go_to_another_consumer(
-    amqp_url: str, queue: str, orchestrator: AsyncOrchestrator, loopback_broker: tuple[str, int]
-) -> None:
-    schema = image_schema(queue)
-    await orchestrator.register(schema)
-    jobs = [make_job(schema, i) for i in range(5)]
-    await orchestrator.publish_many(queue, jobs)
+async def _kill_a_worker_once_it_holds(
+    amqp_url: str, queue: str, jobs: int, orchestrator: AsyncOrchestrator
+) -> set[str]:
+    """Start a consumer process of ``jobs`` at once, SIGKILL it once it started that many; their ids."""
+    ready = await orchestrator.count_queue_messages(queue)
     worker = await asyncio.to_thread(
         subprocess.Popen,
-        [sys.executable, "-m", "tests.jobs.backends.rabbitmq_worker", amqp_url, queue, "3"],
+        [sys.executable, "-m", "tests.jobs.backends.rabbitmq_worker", amqp_url, queue, str(jobs)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
     )
     assert worker.stdout is not None
     try:
-        lines = [await asyncio.wait_for(asyncio.to_thread(worker.stdout.readline), 15) for _ in range(3)]
-        held = {line.split()[1] for line in lines}
-        assert held == {job.id for job in jobs[:3]}  # prefetch 3: the first three, all started
-        assert await orchestrator.count_queue_messages(queue) == 2  # the held ones are not ready
+        lines = [await asyncio.wait_for(asyncio.to_thread(worker.stdout.readline), 15) for _ in range(jobs)]
+        assert await orchestrator.count_queue_messages(queue) == ready - jobs  # the held ones are not ready
         worker.send_signal(signal.SIGKILL)
         await asyncio.to_thread(worker.wait, 10)
     finally:
@@ -152,6 +148,18 @@ async def test_jobs_of_a_killed_consumer_go_to_another_consumer(
             worker.kill()
             worker.wait(10)
         worker.stdout.close()
+    return {line.split()[1] for line in lines}
+
+
+async def test_jobs_of_a_killed_consumer_go_to_another_consumer(
+    amqp_url: str, queue: str, orchestrator: AsyncOrchestrator, loopback_broker: tuple[str, int]
+) -> None:
+    schema = image_schema(queue)
+    await orchestrator.register(schema)
+    jobs = [make_job(schema, i) for i in range(5)]
+    await orchestrator.publish_many(queue, jobs)
+    held = await _kill_a_worker_once_it_holds(amqp_url, queue, 3, orchestrator)
+    assert held == {job.id for job in jobs[:3]}  # prefetch 3: the first three, all started
 
     seen: dict[str, int] = {}
     async with await orchestrator.backend.open_receiver(queue, prefetch=1) as receiver:
@@ -163,6 +171,28 @@ async def test_jobs_of_a_killed_consumer_go_to_another_consumer(
         assert await receiver.get(0) is None
     assert seen == {job.id: 2 if job.id in held else 1 for job in jobs}
     assert await orchestrator.count_queue_messages(queue + ".dlq") == 0
+
+
+async def test_after_a_kill_consume_one_returns_only_once_the_redelivered_job_ran(
+    amqp_url: str, queue: str, orchestrator: AsyncOrchestrator, loopback_broker: tuple[str, int]
+) -> None:
+    # The broker redelivers the killed consumer's job flagged; the next consumer records that lost run on the
+    # job and republishes it (bookkeeping, not a run), then runs it: consume(num_messages=1) means "run one".
+    schema = image_schema(queue)
+    await orchestrator.register(schema)
+    job = make_job(schema, 1)
+    await orchestrator.publish(queue, job)
+    assert await _kill_a_worker_once_it_holds(amqp_url, queue, 1, orchestrator) == {job.id}
+    runs: list[Job] = []
+
+    async def record(received: Job) -> None:
+        runs.append(received)
+
+    consumer = consumer_of(queue, record)
+    consumer.connect(orchestrator)
+    assert await asyncio.wait_for(consumer.consume(num_messages=1), 20) == 1
+    assert [(j.id, j.attempts) for j in runs] == [(job.id, 1)]
+    assert await orchestrator.count_queue_messages(queue) == 0
 
 
 # -- (2) connection loss ---------------------------------------------------------------------------------
@@ -190,7 +220,7 @@ async def test_consumer_survives_a_connection_cut_and_resumes(
                 await wait_until(lambda: len(runs) >= 10, 10, "the first jobs")
                 assert proxy.cut() >= 1
                 await wait_until(lambda: set(runs) == {job.id for job in jobs}, 10, "every job after the cut")
-                # Redelivered jobs come back as copies with the lost run recorded (counts_deliveries is False):
+                # Redelivered jobs come back as copies with the lost run recorded (no counted_deliveries):
                 # wait until those ran too and the queue stays empty.
                 await wait_until_drained(orchestrator, queue, runs, 10)
                 assert not task.done()

@@ -99,7 +99,7 @@ async def _wait_until(condition: Callable[[], bool], timeout: float, what: str) 
 
 async def test_a_frozen_holder_cannot_settle_after_its_lease_went_to_another(redis_url: str, queue: str) -> None:
     async with _client(redis_url, queue, visibility_timeout=0.5) as backend:
-        assert backend.lease_timeout == 0.5
+        assert backend.capabilities.lease_timeout == 0.5
         await backend.declare_queue(queue)
         job = make_job(image_schema(queue), 1)
         await backend.publish(queue, outgoing(job))
@@ -436,7 +436,7 @@ def test_from_url_reads_every_part_and_never_shows_the_password(url: str, expect
 def test_from_url_decodes_credentials_and_lets_keywords_win() -> None:
     client = RedisClient.from_url("redis://us%40er:p%3Ass@h:1/0", visibility_timeout=5, key_prefix="app:")
     assert client.username == "us@er" and client._password == "p:ss"
-    assert client.visibility_timeout == client.lease_timeout == 5.0
+    assert client.visibility_timeout == client.capabilities.lease_timeout == 5.0
     assert client.key_prefix == "app:"
 
 

@@ -96,4 +96,4 @@ async def test_dead_letter_log_counts_in_good_english(api: Api, queue: str, capl
     with caplog.at_level(logging.WARNING, logger="mindtrace.jobs"):
         assert await api.consumer(queue, handler, max_retries=0).consume(num_messages=1) == 1
     (message,) = [r.getMessage() for r in caplog.records if job.id in r.getMessage()]
-    assert f"job {job.id} failed 1 time, dead-lettering" in message, message
+    assert f"dead-lettering job {job.id} from {queue!r}: failed 1 time, no retry left" in message, message

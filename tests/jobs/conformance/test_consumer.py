@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from mindtrace.jobs import AsyncConsumer, AsyncOrchestrator, Job, JobInput, JobSchema, UndecodableMessage
+from mindtrace.jobs import AsyncConsumer, AsyncOrchestrator, ClosedError, Job, JobInput, JobSchema, UndecodableMessage
 from mindtrace.jobs.backends.base import Backend, OutgoingMessage
 from mindtrace.jobs.wire import encode
 from tests.jobs.conformance.models import DetectionOutput, ImageInput, image_schema, make_job
@@ -350,12 +351,13 @@ async def test_a_job_given_back_goes_ahead_of_the_jobs_waiting_at_its_priority(a
     assert order[1] is not None and order[1].attempts == 0
 
 
-async def test_closing_the_orchestrator_gives_running_jobs_back_uncharged(
-    api: Api, queue: str, backend_name: str, backend_factory: Callable[[], Backend]
+async def test_closing_the_backend_gives_running_jobs_back_uncharged(
+    api: Api, queue: str, backend_factory: Callable[[], Backend]
 ) -> None:
-    # close() (and interpreter exit, which closes) while jobs run: the broker gets them back uncharged, as at a
-    # stop(), so with max_retries=0 none is dead-lettered when a later consumer takes them.
-    if backend_name == "memory":
+    # The backend closed under running jobs (interpreter exit, or a close whose grace ran out): the broker gets
+    # them back uncharged, as at a stop(), so with max_retries=0 none is dead-lettered when a later consumer
+    # takes them.
+    if not api.orchestrator.backend.capabilities.shared_queues:
         pytest.skip("in-memory queues end with their client: nothing is left to give back to")
     schema = image_schema(queue)
     await api.register(schema)
@@ -375,7 +377,7 @@ async def test_closing_the_orchestrator_gives_running_jobs_back_uncharged(
         while len(started) < 4:
             assert asyncio.get_running_loop().time() < deadline, f"only {len(started)} jobs started"
             await asyncio.sleep(0.02)
-        await asyncio.wait_for(api.close(), 10)
+        await asyncio.wait_for(api.run_on_loop(api.orchestrator.backend.close()), 10)
     finally:
         release.set()
         # What consume() does once its orchestrator is closed under it is not this test's concern.
@@ -395,3 +397,125 @@ async def test_closing_the_orchestrator_gives_running_jobs_back_uncharged(
         assert sorted(job.id for job in ran) == sorted(job.id for job in jobs)
         assert all(job.attempts == 0 and job.error is None for job in ran), [(j.attempts, j.error) for j in ran]
         assert await reopened.count_queue_messages(queue + ".dlq") == 0
+
+
+async def test_num_messages_counts_jobs_run_not_jobs_handed_back_unrun(
+    api: Api, queue: str, backend_factory: Callable[[], Backend]
+) -> None:
+    # A first consumer holds 4 of 16 jobs when it loses its backend (another client whose connection closes
+    # under it; on the in-process backend, which no other client shares, it is stopped). The held jobs come
+    # back, on RabbitMQ flagged as redelivered, which the next consumer records on the job and hands back
+    # (attempts + 1, republished): bookkeeping, not a run. consume(num_messages=16) still runs 16 jobs.
+    schema = image_schema(queue)
+    await api.register(schema)
+    jobs = [make_job(schema, i) for i in range(16)]
+    await api.publish_many(queue, jobs)
+    shared = api.orchestrator.backend.capabilities.shared_queues
+    first = api.sibling(backend_factory()) if shared else api
+    held: list[str] = []
+    let_go = asyncio.Event()
+
+    async def hold(job: Job) -> None:
+        held.append(job.id)
+        await let_go.wait()
+
+    holder = first.consumer(queue, hold)
+    task = asyncio.create_task(holder.consume(concurrency=4))
+    try:
+        while len(held) < 4:
+            assert not task.done(), task
+            await asyncio.sleep(0.02)
+        if shared:
+            await first.run_on_loop(first.orchestrator.backend.close())
+        else:
+            holder.stop()
+    finally:
+        let_go.set()
+        with contextlib.suppress(ClosedError):
+            await asyncio.wait_for(task, 20)
+        if first is not api:
+            await first.close()
+    runs: Counter[str] = Counter()
+
+    async def count(job: Job) -> None:
+        runs[job.id] += 1
+
+    left = len(jobs) if shared else len(jobs) - len(held)
+    assert await asyncio.wait_for(api.consumer(queue, count).consume(num_messages=left), 30) == left
+    assert sum(runs.values()) == left
+    assert set(runs) == {j.id for j in jobs} - (set() if shared else set(held))
+
+
+async def _consume_until_closed(
+    api: Api, backend_factory: Callable[[], Backend], queue: str, handler: Any, started: list[str], **close: Any
+) -> tuple[int, Api]:
+    """Publish 12 jobs, consume them 4 at a time through a second orchestrator (the same one on a backend
+    no other client shares), close that orchestrator once 6 jobs started; what consume() returned."""
+    schema = image_schema(queue)
+    await api.register(schema)
+    await api.publish_many(queue, [make_job(schema, i) for i in range(12)])
+    closing = api.sibling(backend_factory()) if api.orchestrator.backend.capabilities.shared_queues else api
+    await closing.register(schema)
+    task = asyncio.create_task(closing.consumer(queue, handler).consume(concurrency=4))
+    while len(started) < 6:
+        assert not task.done(), task
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(closing.close(**close), 20)
+    # close() returns once its consumers' consume() calls have (a sync one then only has its thread to leave)
+    return await asyncio.wait_for(task, 2), closing
+
+
+async def test_closing_the_orchestrator_lets_running_jobs_finish_and_be_acked(
+    api: Api, queue: str, backend_factory: Callable[[], Backend]
+) -> None:
+    started: list[str] = []
+    finished: list[str] = []
+
+    async def job_of_300_ms(job: Job) -> None:
+        started.append(job.id)
+        await asyncio.sleep(0.3)
+        finished.append(job.id)
+
+    handled, closing = await _consume_until_closed(api, backend_factory, queue, job_of_300_ms, started)
+    assert handled == len(finished) == len(started) >= 6  # every job started finished within the grace period
+    assert len(set(started)) == len(started)
+    if closing is not api:  # the queue outlives the closed client: finished jobs never run again
+        rest = await _take_the_rest(api, queue, 12 - len(finished))
+        assert {j.id for j in rest}.isdisjoint(finished)
+        assert all(j.attempts == 0 and j.error is None for j in rest)
+
+
+async def test_closing_the_orchestrator_gives_back_uncharged_the_jobs_still_running_after_the_grace(
+    api: Api, queue: str, backend_factory: Callable[[], Backend]
+) -> None:
+    started: list[str] = []
+    let_go = asyncio.Event()
+
+    async def slow(job: Job) -> None:
+        started.append(job.id)
+        if len(started) > 4:
+            await let_go.wait()
+
+    try:
+        handled, closing = await _consume_until_closed(api, backend_factory, queue, slow, started, grace=0.2)
+    finally:
+        let_go.set()  # a blocking run is not interrupted: its thread ends once the test lets it
+    assert handled == 4
+    if closing is not api:
+        rest = await _take_the_rest(api, queue, 8)
+        assert {j.id for j in rest}.isdisjoint(started[:4])
+        assert set(started[4:]) <= {j.id for j in rest}  # cut short: given back, uncharged
+        assert all(j.attempts == 0 and j.error is None for j in rest)
+
+
+async def _take_the_rest(api: Api, queue: str, left: int) -> list[Job]:
+    """Consume exactly the ``left`` jobs still queued (and check nothing else is, dead-lettered included)."""
+    rest: list[Job] = []
+
+    async def collect(job: Job) -> None:
+        rest.append(job)
+
+    assert await asyncio.wait_for(api.consumer(queue, collect).consume(num_messages=left), 20) == left
+    assert await api.receive_message(queue, timeout=0.3) is None
+    assert await api.count_queue_messages(queue + ".dlq") == 0
+    return rest

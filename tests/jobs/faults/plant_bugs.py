@@ -37,8 +37,9 @@ PLANTS = (
     Plant(
         "ack before run",
         "mindtrace/jobs/consumer.py",
-        "        try:\n            if backend.lease_timeout is None:\n",
-        "        await backend.ack(delivery)  # PLANTED\n        try:\n            if backend.lease_timeout is None:\n",
+        "                    result = await self.run(job)\n",
+        "                    await self.orchestrator.backend.ack(delivery)  # PLANTED\n"
+        "                    result = await self.run(job)\n",
         (
             "tests/jobs/faults/test_consumer_kills.py",
             "tests/jobs/conformance/test_consumer.py::test_failing_job_is_retried_then_dead_lettered_with_its_error",
@@ -66,9 +67,9 @@ PLANTS = (
     ),
     Plant(
         "no attempt counting",
-        "mindtrace/jobs/consumer.py",
-        '        job.attempts += 1\n        job.error = f"{type(exc).__name__}: {exc}"\n',
-        '        job.error = f"{type(exc).__name__}: {exc}"  # PLANTED: attempts not counted\n',
+        "mindtrace/jobs/policy.py",
+        "    attempts = job.attempts + 1\n",
+        "    attempts = job.attempts  # PLANTED: attempts not counted\n",
         (
             "tests/jobs/conformance/test_consumer.py::test_failing_job_is_retried_then_dead_lettered_with_its_error",
             "tests/jobs/faults/test_poison_job.py",
@@ -76,9 +77,9 @@ PLANTS = (
     ),
     Plant(
         "no redelivery counting",
-        "mindtrace/jobs/consumer.py",
-        "        if delivery.delivery_count > 1 and not backend.counts_deliveries:\n",
-        "        if False:  # PLANTED: redeliveries not counted\n",
+        "mindtrace/jobs/policy.py",
+        "    if delivery_count > 1 and not counted_deliveries:\n",
+        "    if False:  # PLANTED: redeliveries not counted\n",
         ("tests/jobs/faults/test_poison_job.py",),
     ),
 )

@@ -39,6 +39,14 @@ class Api:
     def consumer(self, queue: str, handler: Handler, **options: Any) -> ConsumerHandle:
         raise NotImplementedError
 
+    def sibling(self, backend: Backend) -> Api:
+        """Another orchestrator of the same API over ``backend`` (a second client, as another process has)."""
+        return type(self)(backend)  # type: ignore[call-arg]
+
+    async def run_on_loop(self, coro: Awaitable[Any]) -> Any:
+        """Await ``coro`` where this API's backend lives (the loop thread for the sync API)."""
+        return await coro
+
 
 class AsyncApi(Api):
     kind = "async"
@@ -66,6 +74,11 @@ class SyncApi(Api):
 
     def __init__(self, backend: Backend) -> None:
         self.orchestrator = Orchestrator(backend)
+
+    async def run_on_loop(self, coro: Awaitable[Any]) -> Any:
+        from mindtrace.jobs._loop_thread import get_loop_thread
+
+        return await asyncio.to_thread(get_loop_thread().run, coro, "test")  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self.orchestrator, name)

@@ -20,7 +20,15 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
 
-from mindtrace.jobs.backends.base import Backend, Delivery, OutgoingMessage, QueueOptions, Receiver
+from mindtrace.jobs.backends.base import (
+    PRIORITY_LEVELS,
+    Backend,
+    Capabilities,
+    Delivery,
+    OutgoingMessage,
+    QueueOptions,
+    Receiver,
+)
 from mindtrace.jobs.backends.rabbitmq.connection import _Channels, _on_open_channel, _Secret
 from mindtrace.jobs.backends.rabbitmq.publisher import _Publisher
 from mindtrace.jobs.backends.rabbitmq.receiver import _Claim, _job_id, _RabbitMQReceiver
@@ -82,8 +90,19 @@ class RabbitMQClient(Backend):
 
     schemes = ("amqp", "amqps")
 
-    # Classic queues only flag a redelivery, so the consumer counts lost runs on the job itself.
-    counts_deliveries = False
+    # Classic queues only flag a redelivery, so the consumer counts lost runs on the job itself; retry delays
+    # wait in per-delay bucket queues (a retry may be late by up to a half-octave step, capped at the last
+    # bucket); a queued message cannot be taken out of the middle of a queue; AMQP cannot list queues.
+    capabilities = Capabilities(
+        lease_timeout=None,
+        counted_deliveries=False,
+        exact_delays=False,
+        max_delay=RETRY_BUCKETS_MS[-1] / 1000,
+        priority_levels=PRIORITY_LEVELS,
+        queued_job_removal="tombstone",
+        can_list_queues=False,
+        shared_queues=True,
+    )
 
     def __init__(
         self,
@@ -210,6 +229,9 @@ class RabbitMQClient(Backend):
 
     async def _close(self) -> None:
         await self._give_back_on_close()
+        late = {task for receiver in self._receivers for task in receiver.late_returns}
+        if late:
+            await asyncio.wait(late, timeout=self.operation_timeout)
         for receiver in list(self._receivers):
             receiver.abandon()
         self._receivers.clear()

@@ -94,6 +94,9 @@ class _RabbitMQReceiver(Receiver):
         self._subscribing: asyncio.Task[None] | None = None
         self._held: set[Delivery] = set()
         self._returning = 0  # late arrivals being given back after close()
+        # Their tasks: the client's close waits for them, or the broker would requeue the original of a copy
+        # already re-published (a duplicate).
+        self.late_returns: set[asyncio.Task[Any]] = set()
 
     async def watch(self, channel: AbstractChannel) -> None:
         """Follow ``channel``: its closing, and the broker cancelling the consumer on it."""
@@ -139,12 +142,16 @@ class _RabbitMQReceiver(Receiver):
         if self._closed:
             # Arrived after close() began: give it back, holding the channel open until that is done.
             self._returning += 1
+            task = asyncio.current_task()
+            if task is not None:
+                self.late_returns.add(task)
             try:
                 with contextlib.suppress(Exception):
                     await self._publisher.return_message(message, self._queue)
             finally:
                 self._returning -= 1
                 await self._discard_if_idle()
+                self.late_returns.discard(task)  # type: ignore[arg-type]
         elif _on_open_channel(message):  # else it arrived as its channel died: the broker has it back
             self._buffer.append((lane, message))
             self._wake_one()

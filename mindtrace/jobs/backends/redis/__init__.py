@@ -17,7 +17,15 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from mindtrace.jobs.backends.base import Backend, Delivery, OutgoingMessage, QueueOptions, Receiver
+from mindtrace.jobs.backends.base import (
+    PRIORITY_LEVELS,
+    Backend,
+    Capabilities,
+    Delivery,
+    OutgoingMessage,
+    QueueOptions,
+    Receiver,
+)
 from mindtrace.jobs.backends.redis.connection import (
     _RETRY_BASE,
     _RETRY_CAP,
@@ -120,7 +128,16 @@ class RedisClient(Backend):
         self.ssl_cert_reqs = ssl_cert_reqs
         self.key_prefix = key_prefix
         self.visibility_timeout = float(visibility_timeout)
-        self.lease_timeout = self.visibility_timeout
+        self.capabilities = Capabilities(
+            lease_timeout=self.visibility_timeout,
+            counted_deliveries=True,
+            exact_delays=True,
+            max_delay=None,
+            priority_levels=PRIORITY_LEVELS,
+            queued_job_removal="remove",  # a queued message is keyed by its job id
+            can_list_queues=True,
+            shared_queues=True,
+        )
         self.operation_timeout = float(operation_timeout)
         self.connection_retries = connection_retries
         self.connect_timeout = float(connect_timeout)
