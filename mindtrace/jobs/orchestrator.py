@@ -108,7 +108,11 @@ class AsyncOrchestrator:
         if queue_name in self._known_queues and not refresh:
             return False
         declared = False
-        if not await self.backend.queue_exists(queue_name):
+        missing = not await self.backend.queue_exists(queue_name)
+        if refresh and not missing:  # lost with its dead-letter queue, or declared again only halfway
+            dlq = dead_letter_queue_name(queue_name)
+            missing = dlq != queue_name and not await self.backend.queue_exists(dlq)
+        if missing:
             options = self._known_queues.get(queue_name, QueueOptions())
             await self.backend.declare_queue(queue_name, options)
             declared = True
