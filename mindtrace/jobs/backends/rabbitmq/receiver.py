@@ -151,7 +151,8 @@ class _RabbitMQReceiver(Receiver):
             finally:
                 self._returning -= 1
                 await self._discard_if_idle()
-                self.late_returns.discard(task)  # type: ignore[arg-type]
+                if task is not None:
+                    self.late_returns.discard(task)
         elif _on_open_channel(message):  # else it arrived as its channel died: the broker has it back
             self._buffer.append((lane, message))
             self._wake_one()
