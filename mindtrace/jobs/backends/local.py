@@ -28,7 +28,7 @@ from mindtrace.jobs.errors import QueueConflictError, QueueNotFoundError
 _Entry = tuple[int, int, bytes, str | None]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Queue:
     options: QueueOptions
     ready: list[_Entry] = field(default_factory=list)
@@ -91,8 +91,9 @@ class LocalClient(Backend):
     """In-memory backend for tests and single-process use: per-queue priority heaps, no polling.
 
     Same semantics as the brokers (priority then FIFO, claimed jobs held until settled, released jobs go
-    back to their place, dead-letter queues), but nothing survives the process. Safe for many concurrent
-    producers and consumers on one event loop; bound to that loop.
+    back to their place, dead-letter queues, a job id queued once while its queue holds it, as on Redis),
+    but nothing survives the process. Safe for many concurrent producers and consumers on one event loop;
+    bound to that loop.
     """
 
     schemes = ("memory",)
@@ -152,16 +153,19 @@ class LocalClient(Backend):
 
     async def _publish(self, queue: str, message: OutgoingMessage) -> None:
         q = self._get_queue(queue)
-        if message.job_id not in q.held:  # a job the queue holds already is not queued twice (as on Redis)
-            q.held.add(message.job_id)
-            q.push((-message.priority, next(self._sequence), message.body, message.job_id))
+        job_id = message.job_id
+        if job_id not in q.held:  # a job the queue holds already is not queued twice (as on Redis)
+            q.held.add(job_id)
+            q.push((-message.priority, next(self._sequence), message.body, job_id))
 
     async def _publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
         q = self._get_queue(queue)
+        held = q.held
         for message in messages:
-            if message.job_id not in q.held:
-                q.held.add(message.job_id)
-                q.push((-message.priority, next(self._sequence), message.body, message.job_id))
+            job_id = message.job_id
+            if job_id not in held:
+                held.add(job_id)
+                q.push((-message.priority, next(self._sequence), message.body, job_id))
 
     async def _open_receiver(self, queue: str, prefetch: int) -> Receiver:
         self._get_queue(queue)
