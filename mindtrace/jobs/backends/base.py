@@ -83,6 +83,9 @@ class Capabilities:
     - ``can_list_queues``: whether the backend can enumerate its queues.
     - ``shared_queues``: queues live in a broker that other clients and processes share, and outlive this
       client's ``close()`` (False for the in-process memory backend).
+    - ``unique_job_ids``: a publish of a job id the queue already holds (ready, claimed, or waiting for a retry
+      delay) is a no-op, so a publish sent twice queues the job once; once the job is acked, dead-lettered or
+      purged, its id may be published again. False: every publish queues another copy.
     """
 
     lease_timeout: float | None
@@ -93,6 +96,7 @@ class Capabilities:
     queued_job_removal: QueuedJobRemoval
     can_list_queues: bool
     shared_queues: bool
+    unique_job_ids: bool
 
 
 @dataclass(frozen=True)

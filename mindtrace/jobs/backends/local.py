@@ -6,6 +6,7 @@ import asyncio
 import heapq
 import itertools
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,16 +22,20 @@ from mindtrace.jobs.backends.base import (
 from mindtrace.jobs.constants import MAX_PAYLOAD_BYTES
 from mindtrace.jobs.errors import QueueConflictError, QueueNotFoundError
 
-# Heap entries sort by (-priority, sequence): higher priority first, FIFO among equals.
-_Entry = tuple[int, int, bytes]
+# Heap entries sort by (-priority, sequence): higher priority first, FIFO among equals (a sequence number is
+# never repeated, so the body and id are never compared). The id is the job id the entry holds in its queue,
+# or None for a dead-lettered message: as on Redis, a dead-letter queue keys its messages by its own sequence.
+_Entry = tuple[int, int, bytes, str | None]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Queue:
     options: QueueOptions
     ready: list[_Entry] = field(default_factory=list)
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
     timers: set[asyncio.TimerHandle] = field(default_factory=set)
+    #: Job ids the queue holds (ready, claimed, or waiting for a retry delay); a publish of one is a no-op.
+    held: set[str] = field(default_factory=set)
     deleted: bool = False
 
     def push(self, entry: _Entry) -> None:
@@ -61,8 +66,8 @@ class _LocalReceiver(Receiver):
         while True:
             q = self._client._get_queue(self._queue)
             if q.ready:
-                neg_priority, seq, body = heapq.heappop(q.ready)
-                return Delivery(self._queue, body, -neg_priority, handle=seq)
+                neg_priority, seq, body, job_id = heapq.heappop(q.ready)
+                return Delivery(self._queue, body, -neg_priority, handle=(seq, job_id, q))
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 return None
@@ -86,8 +91,9 @@ class LocalClient(Backend):
     """In-memory backend for tests and single-process use: per-queue priority heaps, no polling.
 
     Same semantics as the brokers (priority then FIFO, claimed jobs held until settled, released jobs go
-    back to their place, dead-letter queues), but nothing survives the process. Safe for many concurrent
-    producers and consumers on one event loop; bound to that loop.
+    back to their place, dead-letter queues, a job id queued once while its queue holds it, as on Redis),
+    but nothing survives the process. Safe for many concurrent producers and consumers on one event loop;
+    bound to that loop.
     """
 
     schemes = ("memory",)
@@ -101,6 +107,7 @@ class LocalClient(Backend):
         queued_job_removal="remove",
         can_list_queues=True,
         shared_queues=False,
+        unique_job_ids=True,  # each queue keeps the set of job ids it holds
     )
 
     def __init__(self, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
@@ -145,23 +152,50 @@ class LocalClient(Backend):
         return queue in self._queues
 
     async def _publish(self, queue: str, message: OutgoingMessage) -> None:
-        self._get_queue(queue).push((-message.priority, next(self._sequence), message.body))
+        q = self._get_queue(queue)
+        job_id = message.job_id
+        if job_id not in q.held:  # a job the queue holds already is not queued twice (as on Redis)
+            q.held.add(job_id)
+            q.push((-message.priority, next(self._sequence), message.body, job_id))
+
+    async def _publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
+        q = self._get_queue(queue)
+        held = q.held
+        for message in messages:
+            job_id = message.job_id
+            if job_id not in held:
+                held.add(job_id)
+                q.push((-message.priority, next(self._sequence), message.body, job_id))
 
     async def _open_receiver(self, queue: str, prefetch: int) -> Receiver:
         self._get_queue(queue)
         return _LocalReceiver(self, queue)
 
+    @staticmethod
+    def _forget(delivery: Delivery) -> None:
+        """The job leaves the queue it was claimed from: its id may be published there again."""
+        _, job_id, source = delivery.handle
+        if job_id is not None:
+            source.held.discard(job_id)
+
     async def _ack(self, delivery: Delivery) -> None:
-        return None
+        self._forget(delivery)
 
     async def _release(self, delivery: Delivery) -> None:
         q = self._queues.get(delivery.queue)
         if q is not None:
-            q.push((-delivery.priority, delivery.handle, delivery.body))
+            seq, job_id, _ = delivery.handle
+            if job_id is not None:
+                q.held.add(job_id)
+            q.push((-delivery.priority, seq, delivery.body, job_id))
 
     async def _retry(self, delivery: Delivery, message: OutgoingMessage, delay: float) -> None:
         q = self._get_queue(delivery.queue)
-        entry = (-message.priority, next(self._sequence), message.body)
+        # The retry replaces the message under the id it was claimed with, as retry.lua does; it stays held.
+        job_id = delivery.handle[1]
+        if job_id is not None:
+            q.held.add(job_id)
+        entry = (-message.priority, next(self._sequence), message.body, job_id)
         if delay <= 0:
             q.push(entry)
             return
@@ -178,7 +212,8 @@ class LocalClient(Backend):
         q = self._queues.get(dead_letter_queue)
         if q is None:
             q = self._queues[dead_letter_queue] = _Queue(self._get_queue(delivery.queue).options)
-        q.push((-message.priority, next(self._sequence), message.body))
+        self._forget(delivery)
+        q.push((-message.priority, next(self._sequence), message.body, None))
 
     async def _count(self, queue: str) -> int:
         return len(self._get_queue(queue).ready)
@@ -186,6 +221,9 @@ class LocalClient(Backend):
     async def _purge(self, queue: str) -> int:
         q = self._get_queue(queue)
         removed = len(q.ready)
+        for entry in q.ready:
+            if entry[3] is not None:
+                q.held.discard(entry[3])
         q.ready.clear()
         return removed
 

@@ -15,3 +15,4 @@ def test_every_backend_declares_its_capabilities(backend_factory: Callable[[], B
     assert capabilities.lease_timeout is None or capabilities.lease_timeout > 0
     assert capabilities.max_delay is None or capabilities.max_delay > 0
     assert capabilities.queued_job_removal in ("remove", "tombstone", "none")
+    assert isinstance(capabilities.unique_job_ids, bool)  # test_unique_ids.py checks what it says

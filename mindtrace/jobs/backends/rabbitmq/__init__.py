@@ -92,7 +92,9 @@ class RabbitMQClient(Backend):
 
     # Classic queues only flag a redelivery, so the consumer counts lost runs on the job itself; retry delays
     # wait in per-delay bucket queues (a retry may be late by up to a half-octave step, capped at the last
-    # bucket); a queued message cannot be taken out of the middle of a queue; AMQP cannot list queues.
+    # bucket); a queued message cannot be taken out of the middle of a queue; AMQP cannot list queues. Nor can it
+    # publish only if absent: a queue is a log of messages, not keyed by anything (message_id is an opaque
+    # property the broker never indexes), so each publish of a job queues another copy.
     capabilities = Capabilities(
         lease_timeout=None,
         counted_deliveries=False,
@@ -102,6 +104,7 @@ class RabbitMQClient(Backend):
         queued_job_removal="tombstone",
         can_list_queues=False,
         shared_queues=True,
+        unique_job_ids=False,
     )
 
     def __init__(

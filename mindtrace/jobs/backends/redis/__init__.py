@@ -137,6 +137,7 @@ class RedisClient(Backend):
             queued_job_removal="remove",  # a queued message is keyed by its job id
             can_list_queues=True,
             shared_queues=True,
+            unique_job_ids=True,  # publish.lua queues a job id only if the queue holds no body under it
         )
         self.operation_timeout = float(operation_timeout)
         self.connection_retries = connection_retries
