@@ -8,8 +8,6 @@ import logging
 import sys
 from typing import Any
 
-from pydantic import ValidationError
-
 from mindtrace.jobs.backends.base import Delivery, Receiver, dead_letter_queue_name, validate_queue_name
 from mindtrace.jobs.constants import CLOSE_GRACE
 from mindtrace.jobs.errors import (
@@ -25,7 +23,7 @@ from mindtrace.jobs.errors import (
 )
 from mindtrace.jobs.orchestrator import AsyncOrchestrator
 from mindtrace.jobs.policy import Action, Outcome, RetryPolicy, after_run, before_run, release, undecodable
-from mindtrace.jobs.types import Job, JobOutput
+from mindtrace.jobs.types import Job, JobOutput, validate_as
 
 logger = logging.getLogger("mindtrace.jobs")
 
@@ -324,15 +322,9 @@ class AsyncConsumer(abc.ABC):
         if result is None or output_type is None or isinstance(result, output_type):
             return
         if isinstance(result, (JobOutput, dict)):
-            try:
-                output_type.model_validate(result.model_dump() if isinstance(result, JobOutput) else result)
-                return
-            except ValidationError as exc:
-                raise JobValidationError(
-                    f"run() result does not validate as {output_type.__name__}: {exc}",
-                    schema=job.payload.name,
-                    job_id=job.id,
-                ) from exc
+            what = f"run() result does not validate as {output_type.__name__}"
+            validate_as(output_type, result, what, schema=job.payload.name, job_id=job.id)
+            return
         raise JobValidationError(
             f"run() returned {type(result).__name__}, expected {output_type.__name__}, a dict or None",
             schema=job.payload.name,

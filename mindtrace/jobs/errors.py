@@ -1,4 +1,4 @@
-"""Every exception mindtrace.jobs raises, and the one boundary where driver errors are translated.
+"""Every exception mindtrace.jobs raises.
 
 The tree::
 
@@ -24,13 +24,11 @@ The tree::
         └── ForkError               an object created before fork() was used in the child process
 
 Errors carry what a user needs to act as attributes (``queue``, ``job_id``, ``host``, ``port``) and never a
-password. A driver exception is chained as ``__cause__`` by :func:`translate_driver_errors`.
+password. A driver exception is chained as ``__cause__`` by the backend's error boundary (the table each
+backend gives ``backends._endpoint.map_errors``).
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 
 class JobsError(Exception):
@@ -206,22 +204,3 @@ class LoopThreadError(UsageError):
 
 class ForkError(UsageError):
     """An object created in one process was used in a forked child; create a new one in the child."""
-
-
-@contextlib.contextmanager
-def translate_driver_errors(
-    *, host: str, port: int, backend: str, connection_errors: tuple[type[BaseException], ...]
-) -> Iterator[None]:
-    """Turn the driver's connection errors into :class:`BackendUnavailableError`, chaining the original.
-
-    Every backend wraps its I/O in this one boundary, so no raw driver traceback reaches the user for an
-    unreachable broker. Errors that are already ``JobsError`` pass through unchanged.
-    """
-    try:
-        yield
-    except JobsError:
-        raise
-    except connection_errors as exc:
-        raise BackendUnavailableError(
-            f"cannot reach {backend}: {type(exc).__name__}: {exc}", host=host, port=port, backend=backend
-        ) from exc

@@ -75,6 +75,16 @@ class JobSchema(BaseModel):
 
 
 InputT = TypeVar("InputT", bound=JobInput)
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def validate_as(model: type[ModelT], value: Any, what: str, *, schema: str, job_id: str | None = None) -> ModelT:
+    """``value`` (a model or a dict) validated as ``model``; else JobValidationError ``"<what>: <pydantic's
+    error>"`` naming the schema (and the job), the pydantic error as ``__cause__``."""
+    try:
+        return model.model_validate(value.model_dump() if isinstance(value, BaseModel) else value)
+    except ValidationError as exc:
+        raise JobValidationError(f"{what}: {exc}", schema=schema, job_id=job_id) from exc
 
 
 def _new_job_id() -> str:
@@ -132,15 +142,8 @@ class Job(BaseModel):
         value = self.payload.input
         if isinstance(value, input_type):
             return value
-        try:
-            source = value.model_dump() if isinstance(value, BaseModel) else value
-            return input_type.model_validate(source)
-        except ValidationError as exc:
-            raise JobValidationError(
-                f"input of job {self.id!r} ({self.payload.name!r}) is not a {input_type.__name__}: {exc}",
-                schema=self.payload.name,
-                job_id=self.id,
-            ) from exc
+        what = f"input of job {self.id!r} ({self.payload.name!r}) is not a {input_type.__name__}"
+        return validate_as(input_type, value, what, schema=self.payload.name, job_id=self.id)
 
 
 def job_from_schema(schema: JobSchema, input: JobInput | dict[str, Any], **fields: Any) -> Job:
@@ -155,13 +158,8 @@ def job_from_schema(schema: JobSchema, input: JobInput | dict[str, Any], **field
     if isinstance(input, input_type):
         value: JobInput = input
     elif isinstance(input, dict):
-        try:
-            value = input_type.model_validate(input)
-        except ValidationError as exc:
-            raise JobValidationError(
-                f"input for schema {schema.name!r} does not validate as {input_type.__name__}: {exc}",
-                schema=schema.name,
-            ) from exc
+        what = f"input for schema {schema.name!r} does not validate as {input_type.__name__}"
+        value = validate_as(input_type, input, what, schema=schema.name)
     else:
         raise JobValidationError(
             f"input for schema {schema.name!r} must be a {input_type.__name__} or a dict, not {type(input).__name__}",

@@ -14,12 +14,12 @@ import logging
 import ssl as _ssl
 from collections.abc import Sequence
 from typing import Any, Final
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
 
+from mindtrace.jobs.backends._endpoint import Endpoint, Option, ca_bundle_context, split_url
 from mindtrace.jobs.backends.base import (
     PRIORITY_LEVELS,
     Backend,
@@ -61,7 +61,8 @@ _PUBLISH_WINDOW: Final = 256
 
 #: Query options ``from_url`` takes: ``heartbeat`` (an int) and ``connect_timeout`` (seconds) anywhere,
 #: ``ssl_ca_certs`` (a path) with amqps:// only.
-_URL_OPTIONS: Final = ("heartbeat", "connect_timeout", "ssl_ca_certs")
+_URL_OPTIONS: Final[dict[str, Option]] = {"heartbeat": (int, "an integer"), "connect_timeout": (float, "a number")}
+_URL_TLS_OPTIONS: Final = ("ssl_ca_certs",)
 
 
 class RabbitMQClient(Backend):
@@ -140,10 +141,7 @@ class RabbitMQClient(Backend):
         if ssl_ca_certs is not None:
             if ssl_context is not None:
                 raise ConfigurationError("pass ssl_ca_certs or ssl_context, not both")
-            try:
-                ssl_context = _ssl.create_default_context(cafile=ssl_ca_certs)
-            except (OSError, _ssl.SSLError) as exc:
-                raise ConfigurationError(f"cannot load the CA bundle ssl_ca_certs={ssl_ca_certs!r}: {exc}") from exc
+            ssl_context = ca_bundle_context(ssl_ca_certs)
         self.host = host
         self.port = port
         self.username = username
@@ -156,19 +154,15 @@ class RabbitMQClient(Backend):
         self.connect_timeout = float(connect_timeout)
         self.operation_timeout = operation_timeout
         self.reconnect_interval = reconnect_interval
+        self.endpoint = Endpoint("amqp", host, port, username, virtual_host, self.ssl)
         self._channels = _Channels(
-            host=host,
-            port=port,
-            username=username,
+            endpoint=self.endpoint,
             password=self._password,
-            virtual_host=virtual_host,
-            ssl=self.ssl,
             ssl_context=ssl_context,
             heartbeat=heartbeat,
             connect_timeout=self.connect_timeout,
             operation_timeout=operation_timeout,
             reconnect_interval=reconnect_interval,
-            backend=self.describe(),
             is_closed=lambda: self._closed,
         )
         self._publisher = _Publisher(self._channels)
@@ -183,47 +177,22 @@ class RabbitMQClient(Backend):
         ``?connect_timeout=S`` (seconds), and with ``amqps://`` ``?ssl_ca_certs=/path/ca.pem`` (percent-encoded).
         Keyword arguments go to the constructor and win over the URL.
         """
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        where = f"{scheme}://{parts.hostname or ''}"
-        if scheme not in cls.schemes:
-            raise ConfigurationError(f"not an AMQP URL (amqp:// or amqps://): {where}")
-        try:
-            port = parts.port
-        except ValueError:
-            raise ConfigurationError(f"invalid port in AMQP URL {where}") from None
+        parts = split_url(url, kind="AMQP", schemes=cls.schemes, options=_URL_OPTIONS, tls_options=_URL_TLS_OPTIONS)
         options: dict[str, Any] = {
-            "host": parts.hostname or "localhost",
-            "port": port or (5671 if scheme == "amqps" else 5672),
-            "username": unquote(parts.username) if parts.username is not None else "guest",
-            "password": unquote(parts.password) if parts.password is not None else "guest",
-            "virtual_host": unquote(parts.path[1:]) if parts.path not in ("", "/") else "/",
-            "ssl": scheme == "amqps",
+            "host": parts.host or "localhost",
+            "port": parts.port or (5671 if parts.tls else 5672),
+            "username": parts.username if parts.username is not None else "guest",
+            "password": parts.password if parts.password is not None else "guest",
+            "virtual_host": parts.path or "/",
+            "ssl": parts.tls,
+            **parts.options,
         }
-        for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            if key not in _URL_OPTIONS:
-                raise ConfigurationError(
-                    f"unknown option {key!r} in AMQP URL {where}; known: {', '.join(_URL_OPTIONS)}"
-                )
-            if key == "ssl_ca_certs":
-                if scheme != "amqps":
-                    raise ConfigurationError(f"option ssl_ca_certs needs an amqps:// URL, not {where}")
-                options[key] = value
-                continue
-            try:
-                options[key] = float(value) if key == "connect_timeout" else int(value)
-            except ValueError:
-                kind = "a number" if key == "connect_timeout" else "an integer"
-                raise ConfigurationError(f"option {key} in AMQP URL {where} must be {kind}") from None
         options.update(kwargs)
         return cls(**options)
 
     def describe(self) -> str:
         """``amqp://host:port/vhost``, without credentials."""
-        scheme = "amqps" if self.ssl else "amqp"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        vhost = "" if self.virtual_host == "/" else quote(self.virtual_host, safe="")
-        return f"{scheme}://{host}:{self.port}/{vhost}"
+        return self.endpoint.describe()
 
     # -- connection --------------------------------------------------------------------------------
 

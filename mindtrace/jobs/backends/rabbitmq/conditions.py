@@ -23,6 +23,7 @@ from aiormq.exceptions import (
     ProbableAuthenticationError,
 )
 
+from mindtrace.jobs.backends._endpoint import Endpoint
 from mindtrace.jobs.errors import BackendRefusedError, BackendUnavailableError
 from mindtrace.jobs.wire import peek_job_id
 
@@ -49,27 +50,27 @@ def _close_frame(error: BaseException) -> spec.Connection.Close | None:
     return None
 
 
-def refusal(error: BaseException, *, username: str, virtual_host: str, backend: str) -> BackendRefusedError | None:
-    """The BackendRefusedError for a broker that answered and refused, or None when ``error`` is not one.
+def refusal(error: BaseException, endpoint: Endpoint) -> BackendRefusedError | None:
+    """The BackendRefusedError for a broker that answered and refused, or None when ``error`` is not one
+    (a boundary translator).
 
     Refused are: the login (``credentials``: wrong user name or password; the password is never named), the
     vhost (``vhost``: it does not exist), access to the vhost or to a resource in it (``permissions``).
     """
+    backend, username, virtual_host = endpoint.describe(), endpoint.username, endpoint.path
     if isinstance(error, (AuthenticationError, ProbableAuthenticationError)):
-        return BackendRefusedError(
+        return endpoint.refused(
             f"{backend} refused the credentials of user {username!r} (wrong user name or password, or the user may "
             f"not log in from here): {error}",
             refused="credentials",
             reason=str(error),
-            backend=backend,
         )
     if isinstance(error, ChannelAccessRefused):
-        return BackendRefusedError(
+        return endpoint.refused(
             f"{backend} refused user {username!r} an operation in vhost {virtual_host!r} (missing configure, "
             f"write or read permission): {error}",
             refused="permissions",
             reason=str(error),
-            backend=backend,
         )
     reason: str | None = None
     if isinstance(error, ConnectionNotAllowed):
@@ -88,23 +89,21 @@ def refusal(error: BaseException, *, username: str, virtual_host: str, backend: 
         refused, what = "permissions", f"user {username!r} has no permissions on vhost {virtual_host!r}"
     else:
         refused, what = "vhost", f"vhost {virtual_host!r} cannot be opened by user {username!r}"
-    return BackendRefusedError(f"{backend} refused: {what} ({reason})", refused=refused, reason=reason, backend=backend)
+    return endpoint.refused(f"{backend} refused: {what} ({reason})", refused=refused, reason=reason)
 
 
 # -- an unreachable broker ---------------------------------------------------------------------------
 
 
-def unreachable(
-    error: BaseException | None, *, backend: str, host: str, port: int, username: str, virtual_host: str, timeout: float
-) -> BackendUnavailableError:
+def unreachable(error: BaseException | None, endpoint: Endpoint, *, timeout: float) -> BackendUnavailableError:
     """The BackendUnavailableError for a connect that failed or did not finish within ``timeout`` s."""
-    tried = f"TCP connect, AMQP handshake, login as {username!r} and open of vhost {virtual_host!r}"
+    tried = f"TCP connect, AMQP handshake, login as {endpoint.username!r} and open of vhost {endpoint.path!r}"
     if error is None or isinstance(error, (TimeoutError, asyncio.TimeoutError)):
         what = f"no answer within connect_timeout={timeout:g}s"
     else:
         detail = str(error) or "(no detail)"
         what = f"{type(error).__name__}: {detail}"
-    return BackendUnavailableError(f"cannot reach {backend} ({tried}): {what}", host=host, port=port, backend=backend)
+    return endpoint.unavailable(f"cannot reach {endpoint.describe()} ({tried}): {what}")
 
 
 # -- resource alarms ---------------------------------------------------------------------------------

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl as _ssl
 import sys
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final, TypeVar
 
 import aio_pika
@@ -17,15 +18,10 @@ from aio_pika.connection import make_url
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aiormq.exceptions import AMQPConnectionError, AMQPError, ChannelInvalidStateError
 
+from mindtrace.jobs.backends._endpoint import Endpoint, ErrorMap, failed, map_errors, unavailable
 from mindtrace.jobs.backends.rabbitmq import conditions
 from mindtrace.jobs.backends.rabbitmq.topology import EXCHANGE
-from mindtrace.jobs.errors import (
-    BackendError,
-    BackendUnavailableError,
-    ClosedError,
-    JobsError,
-    translate_driver_errors,
-)
+from mindtrace.jobs.errors import BackendUnavailableError, ClosedError
 
 _T = TypeVar("_T")
 
@@ -33,21 +29,31 @@ _T = TypeVar("_T")
 _IDLE_CHANNELS: Final = 4
 
 # Driver errors that mean the broker could not be reached or the connection went away under an operation.
-_CONNECTION_ERRORS: Final = (AMQPConnectionError, OSError, asyncio.TimeoutError, ChannelInvalidStateError)
+_CONNECTION_ERRORS: Final = (AMQPConnectionError, OSError, ChannelInvalidStateError)
 
 
-def _lost_connection(error: BaseException) -> bool:
-    """Whether ``error`` is one of the untyped ways the driver reports a connection closing under an operation.
+def _lost_connection(error: BaseException, endpoint: Endpoint) -> BackendUnavailableError | None:
+    """The predicate row of the boundary: one of the untyped ways the driver reports a connection closing
+    under an operation becomes BackendUnavailableError; anything else is declined (None).
 
     aiormq raises ``RuntimeError("<Connection ...> closed")`` when the connection closed between aio-pika's
     "ready" and a channel open, and rejects operations pending on a closing connection with a bare
     ``Exception``. Only errors raised inside the driver count, so a bug of ours is never relabelled.
     """
     if type(error) not in (Exception, RuntimeError):
-        return False
+        return None
     frames = list(traceback.walk_tb(error.__traceback__))
     module = str(frames[-1][0].f_globals.get("__name__", "")) if frames else ""
-    return module.split(".")[0] in {"aiormq", "aio_pika"}
+    if module.split(".")[0] not in {"aiormq", "aio_pika"}:
+        return None
+    return endpoint.unavailable(
+        f"lost the connection to {endpoint.describe()} during the operation: {type(error).__name__}: {error}"
+    )
+
+
+def _no_answer(error: BaseException, endpoint: Endpoint, *, seconds: float) -> BackendUnavailableError:
+    """An operation that timed out: the broker did not answer within ``seconds`` (``operation_timeout``)."""
+    return endpoint.unavailable(f"no answer from {endpoint.describe()} within {seconds:g}s")
 
 
 class _Secret:
@@ -90,33 +96,47 @@ class _Channels:
     def __init__(
         self,
         *,
-        host: str,
-        port: int,
-        username: str,
+        endpoint: Endpoint,
         password: _Secret,
-        virtual_host: str,
-        ssl: bool,
         ssl_context: _ssl.SSLContext | None,
         heartbeat: int,
         connect_timeout: float,
         operation_timeout: float,
         reconnect_interval: float,
-        backend: str,
         is_closed: Callable[[], bool],
     ) -> None:
-        self.host = host
-        self.port = port
-        self.username = username
+        self.endpoint = endpoint
         self._password = password
-        self.virtual_host = virtual_host
-        self.ssl = ssl
         self._ssl_context = ssl_context
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
         self.operation_timeout = operation_timeout
         self.reconnect_interval = reconnect_interval
-        self.backend = backend
+        self.backend = endpoint.describe()
         self._is_closed = is_closed
+        # Operations: a timeout, connection trouble, then the broker's refusals and other AMQP errors, then the
+        # driver's untyped reports of a closing connection (a predicate; bugs of ours pass through).
+        self._operation_errors = map_errors(
+            (
+                (asyncio.TimeoutError, functools.partial(_no_answer, seconds=operation_timeout)),
+                (_CONNECTION_ERRORS, unavailable),
+                (AMQPError, conditions.refusal),
+                (AMQPError, failed),
+                (Exception, _lost_connection),
+            ),
+            endpoint,
+        )
+        # Connecting: the broker answered and refused (login, vhost, permissions), else it was not reached.
+        self._connect_errors = map_errors(
+            (
+                (Exception, conditions.refusal),
+                (
+                    (*CONNECTION_EXCEPTIONS, asyncio.TimeoutError),
+                    functools.partial(conditions.unreachable, timeout=connect_timeout),
+                ),
+            ),
+            endpoint,
+        )
         #: The robust connection receivers, acks and operations use, between ``connect()`` and ``close()``.
         self.connection: aio_pika.RobustConnection | None = None
         #: The robust connection publishes go out on (see the class docstring), between ``connect()`` and ``close()``.
@@ -128,40 +148,9 @@ class _Channels:
         self.publish_channel: AbstractChannel | None = None
         self._publish_lock = asyncio.Lock()
 
-    @contextlib.contextmanager
-    def boundary(self) -> Iterator[None]:
-        """The one place driver errors become ours: connection trouble, then any other AMQP error."""
-        try:
-            with translate_driver_errors(
-                host=self.host, port=self.port, backend=self.backend, connection_errors=_CONNECTION_ERRORS
-            ):
-                try:
-                    yield
-                except asyncio.TimeoutError as exc:
-                    raise BackendUnavailableError(
-                        f"no answer from {self.backend} within {self.operation_timeout:g}s",
-                        host=self.host,
-                        port=self.port,
-                        backend=self.backend,
-                    ) from exc
-        except JobsError:
-            raise
-        except AMQPError as exc:
-            refused = conditions.refusal(
-                exc, username=self.username, virtual_host=self.virtual_host, backend=self.backend
-            )
-            if refused is not None:
-                raise refused from exc
-            raise BackendError(f"{self.backend}: {type(exc).__name__}: {exc}", backend=self.backend) from exc
-        except Exception as exc:
-            if not _lost_connection(exc):
-                raise
-            raise BackendUnavailableError(
-                f"lost the connection to {self.backend} during the operation: {type(exc).__name__}: {exc}",
-                host=self.host,
-                port=self.port,
-                backend=self.backend,
-            ) from exc
+    def boundary(self) -> ErrorMap:
+        """The one place driver errors of operations become ours (the table built in ``__init__``)."""
+        return self._operation_errors
 
     async def timed(self, operation: Awaitable[_T]) -> _T:
         """``operation`` bounded by ``operation_timeout`` (TimeoutError), without a task per call on 3.11+."""
@@ -173,12 +162,12 @@ class _Channels:
     async def _open_connection(self, name: str) -> aio_pika.RobustConnection:
         """One robust connection, connected within ``connect_timeout``; a refusal or an unreachable broker is named."""
         url = make_url(
-            host=self.host,
-            port=self.port,
-            login=self.username,
+            host=self.endpoint.host,
+            port=self.endpoint.port,
+            login=self.endpoint.username or "",
             password=self._password.reveal(),
-            virtualhost=self.virtual_host,
-            ssl=self.ssl,
+            virtualhost=self.endpoint.path,
+            ssl=self.endpoint.tls,
             heartbeat=self.heartbeat,
             reconnect_interval=self.reconnect_interval,
         )
@@ -186,28 +175,8 @@ class _Channels:
             url, ssl_context=self._ssl_context, client_properties={"connection_name": name}
         )
         try:
-            try:
+            with self._connect_errors:
                 await connection.connect(timeout=self.connect_timeout)
-            except JobsError:
-                raise
-            except Exception as exc:
-                # The broker answered and refused (login, vhost, permissions): waiting cannot help.
-                refused = conditions.refusal(
-                    exc, username=self.username, virtual_host=self.virtual_host, backend=self.backend
-                )
-                if refused is not None:
-                    raise refused from exc
-                if isinstance(exc, (*CONNECTION_EXCEPTIONS, asyncio.TimeoutError)):
-                    raise conditions.unreachable(
-                        exc,
-                        backend=self.backend,
-                        host=self.host,
-                        port=self.port,
-                        username=self.username,
-                        virtual_host=self.virtual_host,
-                        timeout=self.connect_timeout,
-                    ) from exc
-                raise
         except BaseException:
             await self._close_connection(connection)
             raise
@@ -271,11 +240,8 @@ class _Channels:
             try:
                 await self.timed(connection.ready())
             except asyncio.TimeoutError:
-                raise BackendUnavailableError(
-                    f"lost the connection to {self.backend} and could not reconnect within {self.operation_timeout:g}s",
-                    host=self.host,
-                    port=self.port,
-                    backend=self.backend,
+                raise self.endpoint.unavailable(
+                    f"lost the connection to {self.backend} and could not reconnect within {self.operation_timeout:g}s"
                 ) from None
         return connection
 

@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from mindtrace.jobs.backends._endpoint import Endpoint
 from mindtrace.jobs.backends.base import (
     PRIORITY_LEVELS,
     Backend,
@@ -144,18 +145,14 @@ class RedisClient(Backend):
         self.connect_timeout = float(connect_timeout)
         # Kept apart from the public attributes: only the driver ever sees it.
         self._password = password
+        self.endpoint = Endpoint("redis", host, port, username, str(db), self.ssl)
         self._connection = RedisConnection(
-            host=host,
-            port=port,
-            db=db,
-            username=username,
+            endpoint=self.endpoint,
             password=password,
-            ssl=self.ssl,
             ssl_ca_certs=ssl_ca_certs,
             ssl_cert_reqs=ssl_cert_reqs,
             operation_timeout=self.operation_timeout,
             connection_retries=connection_retries,
-            backend=self.describe(),
             connect_timeout=self.connect_timeout,
         )
         self._wakes = _Wakes(self._connection, self.operation_timeout)
@@ -181,8 +178,7 @@ class RedisClient(Backend):
 
     def describe(self) -> str:
         """``redis://host:port/db`` (``rediss://`` with TLS); never the user or password."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'rediss' if self.ssl else 'redis'}://{host}:{self.port}/{self.db}"
+        return self.endpoint.describe()
 
     # -- plumbing ------------------------------------------------------------------------------------
 

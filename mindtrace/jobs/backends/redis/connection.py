@@ -4,13 +4,10 @@ boundary, and the script runner that pipelines concurrent script calls."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import importlib.resources
-import ssl as _ssl
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -20,6 +17,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from mindtrace.jobs.backends._endpoint import (
+    Endpoint,
+    ErrorMap,
+    ErrorTable,
+    Option,
+    ca_bundle_context,
+    failed,
+    map_errors,
+    split_url,
+    unavailable,
+)
 from mindtrace.jobs.backends.redis.faults import (
     REFUSED,
     check_eviction_policy,
@@ -29,7 +37,7 @@ from mindtrace.jobs.backends.redis.faults import (
     untrusted_certificate,
 )
 from mindtrace.jobs.constants import CONNECT_TIMEOUT, REDIS_MAX_BLOCK
-from mindtrace.jobs.errors import BackendError, ClosedError, ConfigurationError, translate_driver_errors
+from mindtrace.jobs.errors import ClosedError, ConfigurationError
 
 _T = TypeVar("_T")
 
@@ -39,13 +47,19 @@ _RETRY_BASE, _RETRY_CAP = 0.1, 2.0
 _SCRIPTS = ("declare", "publish", "claim", "ack", "release", "retry", "dead_letter", "extend", "count", "purge", "wake")
 
 
-_REFUSED = REFUSED
-
-#: TLS options ``from_url`` takes from a ``rediss://`` URL's query, and the values of ``ssl_cert_reqs``.
-_URL_OPTIONS = ("ssl_ca_certs", "ssl_cert_reqs")
-#: Options ``from_url`` takes from the query of any Redis URL, and their types.
-_URL_ANY_OPTIONS: dict[str, type] = {"connect_timeout": float}
+#: Options ``from_url`` takes from the query of any Redis URL, and the TLS ones only a ``rediss://`` URL takes.
+_URL_OPTIONS: dict[str, Option] = {"connect_timeout": (float, "a number")}
+_URL_TLS_OPTIONS = ("ssl_ca_certs", "ssl_cert_reqs")
+#: The values of ``ssl_cert_reqs``.
 _CERT_REQS = ("required", "optional", "none")
+
+#: The boundary: driver exceptions and what they become, most specific first.
+_ERRORS: ErrorTable = (
+    (REFUSED, refusal),  # connection errors to redis-py, but the server answered
+    ((RedisConnectionError, RedisTimeoutError, OSError), unavailable),
+    (RedisError, refusal),  # a database number the server does not have; else the next row
+    (RedisError, failed),
+)
 
 # A script call waiting to be sent: the script, its keys and arguments, and the caller's future.
 _Call = tuple[AsyncScript, Sequence[str], Sequence[Any], asyncio.Future[Any]]
@@ -63,7 +77,7 @@ class _Retry(Retry):
         with_failure_count: bool = False,
     ) -> _T:
         def retryable(error: Exception) -> bool:
-            refused = isinstance(error, _REFUSED) or untrusted_certificate(error)
+            refused = isinstance(error, REFUSED) or untrusted_certificate(error)
             return not refused and may_resend() and (is_retryable is None or is_retryable(error))
 
         return await super().call_with_retry(do, fail, retryable, with_failure_count)
@@ -82,50 +96,25 @@ def check_tls_options(ssl_ca_certs: str | None, ssl_cert_reqs: str) -> None:
     if ssl_cert_reqs not in _CERT_REQS:
         raise ConfigurationError(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, not {ssl_cert_reqs!r}")
     if ssl_ca_certs is not None:
-        try:  # a missing or broken bundle is a configuration mistake, not an unreachable server
-            _ssl.create_default_context(cafile=ssl_ca_certs)
-        except (OSError, _ssl.SSLError) as exc:
-            raise ConfigurationError(f"cannot load the CA bundle ssl_ca_certs={ssl_ca_certs!r}: {exc}") from exc
+        ca_bundle_context(ssl_ca_certs)
 
 
-def parse_url(url: str, schemes: Sequence[str]) -> dict[str, Any]:
+def parse_url(url: str, schemes: tuple[str, str]) -> dict[str, Any]:
     """The RedisClient constructor options in ``url`` (see ``RedisClient.from_url``); never repeats the URL."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in schemes:
-        raise ConfigurationError(f"RedisClient needs a redis:// or rediss:// URL, not {scheme or '(none)'}://")
-    query: dict[str, Any] = dict(parse_qsl(parts.query, keep_blank_values=True))
-    tls_query = set(query) - set(_URL_ANY_OPTIONS)
-    unknown = sorted(tls_query - set(_URL_OPTIONS))
-    if unknown:
-        known = ", ".join((*_URL_OPTIONS, *_URL_ANY_OPTIONS))
-        raise ConfigurationError(f"unknown option(s) {', '.join(unknown)} in the Redis URL; known: {known}")
-    if parts.fragment or (tls_query and scheme != "rediss"):
-        raise ConfigurationError(
-            "RedisClient URLs take no fragment, and TLS query options only with rediss://; "
-            "pass other options as keyword arguments"
-        )
-    for name, kind in _URL_ANY_OPTIONS.items():
-        if name in query:
-            try:
-                query[name] = kind(query[name])
-            except ValueError as exc:
-                raise ConfigurationError(f"{name} in the Redis URL must be a number, not {query[name]!r}") from exc
-    try:
-        port = parts.port or 6379
-    except ValueError as exc:
-        raise ConfigurationError(f"the port in the Redis URL for {parts.hostname!r} is invalid") from exc
+    parts = split_url(url, kind="Redis", schemes=schemes, options=_URL_OPTIONS, tls_options=_URL_TLS_OPTIONS)
+    if parts.fragment:
+        raise ConfigurationError("RedisClient URLs take no fragment; pass other options as keyword arguments")
     path = parts.path.strip("/")
     if path and not path.isdigit():
         raise ConfigurationError(f"the Redis URL path must be a database number, not {path!r}")
     return {
-        "host": parts.hostname or "localhost",
-        "port": port,
+        "host": parts.host or "localhost",
+        "port": parts.port or 6379,
         "db": int(path) if path else 0,
-        "password": unquote(parts.password) if parts.password else None,
-        "username": unquote(parts.username) if parts.username else None,
-        "ssl": scheme == "rediss",
-        **query,
+        "password": parts.password or None,
+        "username": parts.username or None,
+        "ssl": parts.tls,
+        **parts.options,
     }
 
 
@@ -134,43 +123,38 @@ class RedisConnection:
     script runner.
 
     Commands and scripts go on one client; blocking reads (of wake lists) wait up to REDIS_MAX_BLOCK on
-    connections of another, never shared with commands. ``backend`` is the RedisClient's ``describe()``,
-    for messages. ``connect()`` gives up after ``connect_timeout`` seconds in total, and refuses a server
-    whose eviction policy would drop queued jobs.
+    connections of another, never shared with commands. ``endpoint`` is where the server is (its
+    ``describe()``, ``backend``, is for messages). ``connect()`` gives up after ``connect_timeout`` seconds
+    in total, and refuses a server whose eviction policy would drop queued jobs.
     """
 
     def __init__(
         self,
         *,
-        host: str,
-        port: int,
-        db: int,
-        username: str | None,
+        endpoint: Endpoint,
         password: str | None,
-        ssl: bool,
         ssl_ca_certs: str | None,
         ssl_cert_reqs: str,
         operation_timeout: float,
         connection_retries: int,
-        backend: str,
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
-        self.host = host
-        self.port = port
-        self.backend = backend
+        self.endpoint = endpoint
+        self.backend = endpoint.describe()
         self._options: dict[str, Any] = {
-            "host": host,
-            "port": port,
-            "db": db,
-            "ssl": ssl,
+            "host": endpoint.host,
+            "port": endpoint.port,
+            "db": int(endpoint.path),
+            "ssl": endpoint.tls,
             "ssl_ca_certs": ssl_ca_certs,
             "ssl_cert_reqs": ssl_cert_reqs,
-            "username": username,
+            "username": endpoint.username,
         }
         self._password = password  # only the driver ever sees it
         self._operation_timeout = operation_timeout
         self._connection_retries = connection_retries
         self._connect_timeout = connect_timeout
+        self._errors = map_errors(_ERRORS, endpoint)
         self._redis: aioredis.Redis | None = None
         self._blocking: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
@@ -179,26 +163,10 @@ class RedisConnection:
         self._in_flight = 0
         self._batches: set[asyncio.Task[None]] = set()
 
-    @contextlib.contextmanager
-    def io(self) -> Iterator[None]:
-        """The one boundary where driver errors become JobsError, the driver's exception chained."""
-        try:
-            with translate_driver_errors(
-                host=self.host,
-                port=self.port,
-                backend=self.backend,
-                connection_errors=(RedisConnectionError, RedisTimeoutError, OSError),
-            ):
-                try:
-                    yield
-                except _REFUSED as exc:  # connection errors to redis-py, but the server answered
-                    raise refusal(exc, self.backend) or BackendError(
-                        f"{self.backend} refused: {exc}", backend=self.backend
-                    ) from exc
-        except RedisError as exc:
-            raise refusal(exc, self.backend) or BackendError(
-                f"{self.backend} failed: {type(exc).__name__}: {exc}", backend=self.backend
-            ) from exc
+    def io(self) -> ErrorMap:
+        """The one boundary where driver errors become JobsError (by the table ``_ERRORS``), the driver's
+        exception chained."""
+        return self._errors
 
     @property
     def connected(self) -> bool:
@@ -253,9 +221,7 @@ class RedisConnection:
                 attempt,
                 seconds=self._connect_timeout,
                 attempts=self._connection_retries + 1,
-                backend=self.backend,
-                host=self.host,
-                port=self.port,
+                endpoint=self.endpoint,
                 backoff_base=_RETRY_BASE,
                 backoff_cap=_RETRY_CAP,
             )

@@ -27,6 +27,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from mindtrace.jobs.backends._endpoint import Endpoint
 from mindtrace.jobs.errors import BackendRefusedError, BackendUnavailableError, ConfigurationError
 
 logger = logging.getLogger("mindtrace.jobs")
@@ -51,8 +52,8 @@ def untrusted_certificate(error: BaseException) -> bool:
     )
 
 
-def refusal(error: BaseException, backend: str) -> BackendRefusedError | None:
-    """The typed refusal for a driver error that is the server saying no, else None.
+def refusal(error: BaseException, endpoint: Endpoint) -> BackendRefusedError | None:
+    """The typed refusal for a driver error that is the server saying no, else None (a boundary translator).
 
     Credentials (wrong password, unknown or disabled ACL user), permissions (an ACL rule: NOPERM) and the
     database number (``SELECT`` of a db the server does not have). The driver's text never holds the password.
@@ -65,9 +66,7 @@ def refusal(error: BaseException, backend: str) -> BackendRefusedError | None:
         refused, what = "database", "the database number"
     else:
         return None
-    return BackendRefusedError(
-        f"{backend} refused {what}: {error}", refused=refused, reason=str(error), backend=backend
-    )
+    return endpoint.refused(f"{endpoint.describe()} refused {what}: {error}", refused=refused, reason=str(error))
 
 
 # -- commands sent at most once ------------------------------------------------------------------------
@@ -155,9 +154,7 @@ async def connect_within(
     *,
     seconds: float,
     attempts: int,
-    backend: str,
-    host: str,
-    port: int,
+    endpoint: Endpoint,
     backoff_base: float,
     backoff_cap: float,
 ) -> None:
@@ -197,12 +194,9 @@ async def connect_within(
     elapsed = loop.time() - started
     detail = f"{type(last).__name__}: {last}" if last is not None else "no answer"
     plural = "s" if made != 1 else ""
-    raise BackendUnavailableError(
-        f"cannot reach {backend} after {made} attempt{plural} in {elapsed:.1f} s (connect_timeout "
-        f"{seconds:g} s): {detail}",
-        host=host,
-        port=port,
-        backend=backend,
+    raise endpoint.unavailable(
+        f"cannot reach {endpoint.describe()} after {made} attempt{plural} in {elapsed:.1f} s (connect_timeout "
+        f"{seconds:g} s): {detail}"
     ) from last
 
 
