@@ -516,6 +516,7 @@ async def _take_the_rest(api: Api, queue: str, left: int) -> list[Job]:
         rest.append(job)
 
     assert await asyncio.wait_for(api.consumer(queue, collect).consume(num_messages=left), 20) == left
-    assert await api.receive_message(queue, timeout=0.3) is None
+    extra = await api.receive_message(queue, timeout=0.3)
+    assert extra is None, (extra.id[:8], sorted((j.id[:8], j.attempts) for j in rest))
     assert await api.count_queue_messages(queue + ".dlq") == 0
     return rest

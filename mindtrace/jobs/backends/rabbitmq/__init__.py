@@ -167,6 +167,7 @@ class RabbitMQClient(Backend):
         )
         self._publisher = _Publisher(self._channels)
         self._receivers: set[_RabbitMQReceiver] = set()
+        self._late_returns: set[asyncio.Task[Any]] = set()
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RabbitMQClient:
@@ -201,9 +202,8 @@ class RabbitMQClient(Backend):
 
     async def _close(self) -> None:
         await self._give_back_on_close()
-        late = {task for receiver in self._receivers for task in receiver.late_returns}
-        if late:
-            await asyncio.wait(late, timeout=self.operation_timeout)
+        if self._late_returns:  # late arrivals at receivers already closed, being given back
+            await asyncio.wait(set(self._late_returns), timeout=self.operation_timeout)
         for receiver in list(self._receivers):
             receiver.abandon()
         self._receivers.clear()
@@ -343,6 +343,7 @@ class RabbitMQClient(Backend):
             channels=self._channels,
             publisher=self._publisher,
             forget=self._receivers.discard,
+            late_returns=self._late_returns,
         )
         try:
             with self._channels.boundary():

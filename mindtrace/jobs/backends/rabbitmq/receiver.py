@@ -80,6 +80,7 @@ class _RabbitMQReceiver(Receiver):
         channels: _Channels,
         publisher: _Publisher,
         forget: Callable[[_RabbitMQReceiver], None],
+        late_returns: set[asyncio.Task[Any]],
     ) -> None:
         super().__init__(backend, queue)
         self._channels = channels
@@ -94,9 +95,10 @@ class _RabbitMQReceiver(Receiver):
         self._subscribing: asyncio.Task[None] | None = None
         self._held: set[Delivery] = set()
         self._returning = 0  # late arrivals being given back after close()
-        # Their tasks: the client's close waits for them, or the broker would requeue the original of a copy
-        # already re-published (a duplicate).
-        self.late_returns: set[asyncio.Task[Any]] = set()
+        # Their tasks, in the client's set: its close waits for them even after this receiver closed and was
+        # forgotten, or the connections would close under their re-publish and ack (a duplicate, or a give-back
+        # charged as a lost run).
+        self._late_returns = late_returns
 
     async def watch(self, channel: AbstractChannel) -> None:
         """Follow ``channel``: its closing, and the broker cancelling the consumer on it."""
@@ -144,7 +146,7 @@ class _RabbitMQReceiver(Receiver):
             self._returning += 1
             task = asyncio.current_task()
             if task is not None:
-                self.late_returns.add(task)
+                self._late_returns.add(task)
             try:
                 with contextlib.suppress(Exception):
                     await self._publisher.return_message(message, self._queue)
@@ -152,7 +154,7 @@ class _RabbitMQReceiver(Receiver):
                 self._returning -= 1
                 await self._discard_if_idle()
                 if task is not None:
-                    self.late_returns.discard(task)
+                    self._late_returns.discard(task)
         elif _on_open_channel(message):  # else it arrived as its channel died: the broker has it back
             self._buffer.append((lane, message))
             self._wake_one()
