@@ -486,3 +486,51 @@ async def test_a_waiting_receiver_reports_its_queue_deleted(queue: str, orchestr
             await asyncio.wait_for(waiting, 5)
     finally:
         await receiver.close()
+
+
+async def raw_consumer_count(amqp_url: str, name: str) -> int:
+    """Consumers subscribed to queue ``name`` (one per channel a receiver consumes on), asked by another client."""
+    async with raw_channel(amqp_url) as channel:
+        declared = await channel.declare_queue(name, passive=True, timeout=10)
+        return int(declared.declaration_result.consumer_count or 0)
+
+
+@pytest.mark.parametrize(("jobs_per_channel", "channels"), [(None, 8), (4, 2), (8, 1)])
+async def test_jobs_per_channel_sets_how_many_running_jobs_share_a_consumer_channel(
+    amqp_url: str, new_queue: Callable[[str], str], jobs_per_channel: int | None, channels: int
+) -> None:
+    # The default keeps one channel per running job (a consumer_timeout then takes back that job only); a
+    # larger jobs_per_channel trades that isolation for fewer channels. Either way every job runs once.
+    queue = new_queue("lanes")
+    url = amqp_url if jobs_per_channel is None else f"{amqp_url}?jobs_per_channel={jobs_per_channel}"
+    async with AsyncOrchestrator(RabbitMQClient.from_url(url)) as orchestrator:
+        try:
+            schema = image_schema(queue)
+            await orchestrator.register(schema)
+            jobs = [make_job(schema, i) for i in range(24)]
+            await orchestrator.publish_many(queue, jobs)
+            runs: Counter[str] = Counter()
+            let_go = asyncio.Event()
+
+            async def hold(job: Job) -> None:
+                runs[job.id] += 1
+                await let_go.wait()
+
+            consumer = consumer_of(queue, hold)
+            consumer.connect(orchestrator)
+            consuming = asyncio.create_task(consumer.consume(num_messages=len(jobs), concurrency=8))
+            await wait_until(lambda: sum(runs.values()) == 8, 10, "8 jobs running")
+            assert await raw_consumer_count(amqp_url, queue) == channels
+            let_go.set()
+            assert await asyncio.wait_for(consuming, 20) == len(jobs)
+            assert sorted(runs) == sorted(job.id for job in jobs) and set(runs.values()) == {1}
+        finally:
+            await orchestrator.delete_queue(queue)
+
+
+def test_jobs_per_channel_must_be_a_positive_int() -> None:
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigurationError, match="jobs_per_channel"):
+            RabbitMQClient(jobs_per_channel=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="jobs_per_channel"):
+        RabbitMQClient.from_url("amqp://guest:guest@127.0.0.1/?jobs_per_channel=many")

@@ -59,9 +59,13 @@ logger = logging.getLogger("mindtrace.jobs")
 # publish_many sends this many messages before it waits for their confirms.
 _PUBLISH_WINDOW: Final = 256
 
-#: Query options ``from_url`` takes: ``heartbeat`` (an int) and ``connect_timeout`` (seconds) anywhere,
-#: ``ssl_ca_certs`` (a path) with amqps:// only.
-_URL_OPTIONS: Final[dict[str, Option]] = {"heartbeat": (int, "an integer"), "connect_timeout": (float, "a number")}
+#: Query options ``from_url`` takes: ``heartbeat`` (an int), ``connect_timeout`` (seconds) and ``jobs_per_channel``
+#: (an int) anywhere, ``ssl_ca_certs`` (a path) with amqps:// only.
+_URL_OPTIONS: Final[dict[str, Option]] = {
+    "heartbeat": (int, "an integer"),
+    "connect_timeout": (float, "a number"),
+    "jobs_per_channel": (int, "an integer"),
+}
 _URL_TLS_OPTIONS: Final = ("ssl_ca_certs",)
 
 
@@ -82,6 +86,11 @@ class RabbitMQClient(Backend):
     refuses the login, the vhost or an operation raises BackendRefusedError; one not reached within
     ``connect_timeout`` raises BackendUnavailableError. The password never appears in ``repr``,
     ``describe()`` or error messages.
+
+    ``jobs_per_channel`` (default 1): how many claimed jobs share one consumer channel. The broker's
+    ``consumer_timeout`` closes the channel of a delivery unacked for too long and requeues everything that
+    channel holds, so with 1 an overrunning job takes back only itself. A larger value (up to the consumer's
+    concurrency) uses fewer channels and drains short jobs faster, at the cost of that isolation.
 
     TLS (``ssl=True``, or an ``amqps://`` URL) verifies the broker's certificate and host name against the
     system's trusted CAs, against the CA bundle file ``ssl_ca_certs`` (which implies TLS; also
@@ -121,6 +130,7 @@ class RabbitMQClient(Backend):
         ssl_ca_certs: str | None = None,
         heartbeat: int = AMQP_HEARTBEAT,
         connect_timeout: float = CONNECT_TIMEOUT,
+        jobs_per_channel: int = 1,
         operation_timeout: float = OPERATION_TIMEOUT,
         reconnect_interval: float = AMQP_RECONNECT_INTERVAL,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
@@ -136,6 +146,8 @@ class RabbitMQClient(Backend):
             raise ConfigurationError("operation_timeout and reconnect_interval must be positive")
         if not isinstance(connect_timeout, (int, float)) or not connect_timeout > 0:
             raise ConfigurationError(f"connect_timeout must be a positive number of seconds, not {connect_timeout!r}")
+        if not isinstance(jobs_per_channel, int) or isinstance(jobs_per_channel, bool) or jobs_per_channel < 1:
+            raise ConfigurationError(f"jobs_per_channel must be an int >= 1, not {jobs_per_channel!r}")
         if not virtual_host:
             raise ConfigurationError("virtual_host must not be empty (the default one is '/')")
         if ssl_ca_certs is not None:
@@ -152,6 +164,7 @@ class RabbitMQClient(Backend):
         self._ssl_context = ssl_context
         self.heartbeat = heartbeat
         self.connect_timeout = float(connect_timeout)
+        self.jobs_per_channel = jobs_per_channel
         self.operation_timeout = operation_timeout
         self.reconnect_interval = reconnect_interval
         self.endpoint = Endpoint("amqp", host, port, username, virtual_host, self.ssl)
@@ -175,7 +188,8 @@ class RabbitMQClient(Backend):
 
         Omitted parts take the defaults (guest/guest, port 5672 or 5671, vhost ``/``); the vhost is
         percent-decoded (``%2F`` is ``/``) and an empty path means ``/``. Query options: ``?heartbeat=N``,
-        ``?connect_timeout=S`` (seconds), and with ``amqps://`` ``?ssl_ca_certs=/path/ca.pem`` (percent-encoded).
+        ``?connect_timeout=S`` (seconds), ``?jobs_per_channel=N``, and with ``amqps://``
+        ``?ssl_ca_certs=/path/ca.pem`` (percent-encoded).
         Keyword arguments go to the constructor and win over the URL.
         """
         parts = split_url(url, kind="AMQP", schemes=cls.schemes, options=_URL_OPTIONS, tls_options=_URL_TLS_OPTIONS)
@@ -333,13 +347,15 @@ class RabbitMQClient(Backend):
     async def _open_receiver(self, queue: str, prefetch: int) -> Receiver:
         if not await self._queue_exists(queue):
             raise QueueNotFoundError(queue)
+        per_lane = min(self.jobs_per_channel, prefetch)  # each lane's QoS (see _RabbitMQReceiver)
         with self._channels.boundary():
-            channel = await self._channels.open_channel(prefetch=1)  # every lane has QoS 1 (see _RabbitMQReceiver)
+            channel = await self._channels.open_channel(prefetch=per_lane)
         receiver = _RabbitMQReceiver(
             self,
             queue,
             prefetch,
             channel,
+            per_lane=per_lane,
             channels=self._channels,
             publisher=self._publisher,
             forget=self._receivers.discard,

@@ -52,19 +52,19 @@ def _delivery_count(message: AbstractIncomingMessage) -> int:
 
 
 class _RabbitMQReceiver(Receiver):
-    """Claims from one queue on ``prefetch`` channels of its own ("lanes"), each with QoS 1.
+    """Claims from one queue on channels of its own ("lanes"), each with QoS ``per_lane`` (default 1).
 
-    One lane per job that may run at once: when a delivery stays unacked longer than the broker's
-    ``consumer_timeout``, the broker closes its channel and requeues what that channel held, which is then
-    that one job only, never the jobs running next to it (logged as an error naming consumer_timeout, the
-    queue and the job; its late ack raises LeaseLostError). A receiver with ``prefetch`` 1 answers ``get``
-    with basic.get (a true "take one now", in queue order) until a ``get`` finds the queue empty and waits:
-    that starts push delivery (basic.consume on every lane). With a larger ``prefetch`` (a consumer running
-    jobs concurrently) push delivery starts at the first ``get``. In push mode, ``get`` takes what the broker
-    pushed, so ``get(0)`` returns None until the first messages arrive. When a lane's channel or consumer is
-    lost (connection drop, queue deleted, consumer_timeout), the next ``get`` subscribes it again; messages
-    pushed on the lost channel are dropped, since the broker gives them to someone else. Messages pushed but
-    never handed out are given back at ``close()`` by re-publishing (see ``_Publisher.return_message``).
+    ``prefetch / per_lane`` lanes, by default one per job that may run at once: when a delivery stays unacked longer
+    than the broker's ``consumer_timeout``, the broker closes its channel and requeues what that channel held, which
+    is then that one job only, never the jobs running next to it (logged as an error naming consumer_timeout, the
+    queue and the job; its late ack raises LeaseLostError). A receiver with ``prefetch`` 1 answers ``get`` with
+    basic.get (a true "take one now", in queue order) until a ``get`` finds the queue empty and waits: that starts
+    push delivery (basic.consume on every lane). With a larger ``prefetch`` (a consumer running jobs concurrently)
+    push delivery starts at the first ``get``. In push mode, ``get`` takes what the broker pushed, so ``get(0)``
+    returns None until the first messages arrive. When a lane's channel or consumer is lost (connection drop, queue
+    deleted, consumer_timeout), the next ``get`` subscribes it again; messages pushed on the lost channel are
+    dropped, since the broker gives them to someone else. Messages pushed but never handed out are given back at
+    ``close()`` by re-publishing (see ``_Publisher.return_message``).
 
     Its RabbitMQClient talks to it through ``watch``, ``settled`` and ``abandon``, and at its own close through
     ``take_unsettled`` and ``has_pushed``.
@@ -77,6 +77,7 @@ class _RabbitMQReceiver(Receiver):
         prefetch: int,
         channel: AbstractChannel,
         *,
+        per_lane: int = 1,
         channels: _Channels,
         publisher: _Publisher,
         forget: Callable[[_RabbitMQReceiver], None],
@@ -88,7 +89,8 @@ class _RabbitMQReceiver(Receiver):
         self._forget = forget
         self._prefetch = prefetch
         # Lane 0's channel is open from the start (basic.get uses it); the others open when push delivery starts.
-        self._lanes = [_Lane(channel)] + [_Lane(None) for _ in range(prefetch - 1)]
+        self._per_lane = per_lane
+        self._lanes = [_Lane(channel)] + [_Lane(None) for _ in range(-(-prefetch // per_lane) - 1)]
         self._push = False
         self._buffer: deque[tuple[_Lane, AbstractIncomingMessage]] = deque()
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -220,7 +222,7 @@ class _RabbitMQReceiver(Receiver):
     async def _ensure_channel(self, lane: _Lane) -> AbstractChannel:
         async with lane.lock:
             if lane.channel is None or lane.channel.is_closed:
-                channel = await self._channels.open_channel(prefetch=1)
+                channel = await self._channels.open_channel(prefetch=self._per_lane)
                 lane.channel = channel
                 await self.watch(channel)
             return lane.channel
