@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import importlib.metadata
 import logging
 import math
 import ssl as _ssl
 import sys
 import traceback
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -80,6 +81,9 @@ _NO_ROUTE: Final = 312
 
 # Driver errors that mean the broker could not be reached or the connection went away under an operation.
 _CONNECTION_ERRORS: Final = (AMQPConnectionError, OSError, asyncio.TimeoutError, ChannelInvalidStateError)
+
+# aiormq 6 (aio-pika 9, all that Python 3.10 installs) lacks consumer-cancel callbacks and mishandles nowait.
+_AIORMQ_6: Final = int(importlib.metadata.version("aiormq").split(".")[0]) < 7
 
 #: Query options ``from_url`` takes: ``heartbeat`` (an int) anywhere, ``ssl_ca_certs`` (a path) with amqps:// only.
 _URL_OPTIONS: Final = ("heartbeat", "ssl_ca_certs")
@@ -170,6 +174,55 @@ def _delivery_count(message: AbstractIncomingMessage) -> int:
     return 2 if message.redelivered else 1
 
 
+_CancelCallback = Callable[[spec.Basic.Cancel], None]
+
+
+class _CancelNotifyingConsumers(dict[str, Any]):
+    """aiormq 6's ``Channel.consumers`` table, calling each of ``callbacks`` when a consumer is dropped from it."""
+
+    def __init__(self, consumers: dict[str, Any]) -> None:
+        super().__init__(consumers)
+        self.callbacks: set[_CancelCallback] = set()
+
+    def pop(self, tag: str, *default: Any) -> Any:
+        had = tag in self
+        value = super().pop(tag, *default)
+        if had:
+            frame = spec.Basic.Cancel(consumer_tag=tag)
+            for callback in list(self.callbacks):
+                callback(frame)
+        return value
+
+
+def _on_consumer_cancel(underlay: Any, callback: _CancelCallback) -> None:
+    """Call ``callback(frame)`` when the broker cancels a consumer of the aiormq channel ``underlay``.
+
+    aiormq 7 (aio-pika 10, Python >= 3.11) has ``on_consumer_cancel_callbacks`` for that. aiormq 6 (aio-pika 9,
+    all that Python 3.10 installs) has no hook: on the broker's basic.cancel it only drops the tag from
+    ``channel.consumers``, so that table is wrapped to report the drop. It also reports the cancel-ok of a
+    client basic.cancel; ``callback`` ignores tags that are not the current consumer's.
+    """
+    callbacks = getattr(underlay, "on_consumer_cancel_callbacks", None)
+    if callbacks is None:
+        consumers = underlay.consumers
+        if not isinstance(consumers, _CancelNotifyingConsumers):
+            consumers = underlay.consumers = _CancelNotifyingConsumers(consumers)
+        callbacks = consumers.callbacks
+    callbacks.add(callback)
+
+
+async def _queue_delete_nowait(underlay: Any, queue: str, timeout: float | None) -> None:
+    """Send a queue.delete of ``queue`` on the aiormq channel ``underlay`` without waiting for its answer.
+
+    aiormq 6 waits for an answer to a ``nowait`` call, which the broker never sends, so there the delete
+    waits for its answer (bounded by ``timeout``) instead.
+    """
+    if _AIORMQ_6:
+        await underlay.queue_delete(queue, timeout=timeout)
+    else:
+        await underlay.queue_delete(queue, nowait=True)
+
+
 class _RabbitMQReceiver(Receiver):
     """Claims from one queue on a channel of its own, with QoS ``prefetch``.
 
@@ -200,7 +253,7 @@ class _RabbitMQReceiver(Receiver):
     async def _watch(self, channel: AbstractChannel) -> None:
         channel.close_callbacks.add(self._on_channel_closed)
         underlay = await channel.get_underlay_channel()
-        underlay.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
+        _on_consumer_cancel(underlay, self._on_consumer_cancelled)
 
     def _wake_one(self) -> None:
         while self._waiters:
@@ -813,7 +866,7 @@ class RabbitMQClient(Backend):
                 # Any retry queue may exist (another process may have made it): delete each without waiting;
                 # the broker answers the final delete only after it handled every one before it.
                 for bucket in RETRY_BUCKETS_MS:
-                    await underlay.queue_delete(retry_queue_name(queue, bucket), nowait=True)
+                    await _queue_delete_nowait(underlay, retry_queue_name(queue, bucket), self.operation_timeout)
                 await underlay.queue_delete(queue, timeout=self.operation_timeout)
 
     async def _declare_retry_queue(self, queue: str, bucket_ms: int) -> str:
