@@ -624,8 +624,12 @@ class RabbitMQClient(Backend):
             heartbeat=self.heartbeat,
             reconnect_interval=self.reconnect_interval,
         )
+        # reconnect_interval again as a keyword: aio-pika 9 ignores the URL's options when given any keyword.
         connection = aio_pika.RobustConnection(
-            url, ssl_context=self._ssl_context, client_properties={"connection_name": "mindtrace.jobs"}
+            url,
+            ssl_context=self._ssl_context,
+            client_properties={"connection_name": "mindtrace.jobs"},
+            reconnect_interval=self.reconnect_interval,
         )
         try:
             with translate_driver_errors(
