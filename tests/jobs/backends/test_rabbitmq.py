@@ -486,3 +486,19 @@ async def test_a_waiting_receiver_reports_its_queue_deleted(queue: str, orchestr
             await asyncio.wait_for(waiting, 5)
     finally:
         await receiver.close()
+
+
+async def test_the_configured_reconnect_interval_holds(
+    amqp_url: str, queue: str, loopback_broker: tuple[str, int]
+) -> None:
+    # aio-pika 9 reads its URL options only when given no keyword arguments: reconnect_interval fell back to 5 s.
+    with TcpProxy(*loopback_broker) as proxy:
+        async with AsyncOrchestrator(proxied_client(amqp_url, proxy, reconnect_interval=0.2)) as cut_off:
+            await cut_off.declare_queue(queue)
+            try:
+                assert proxy.accepted == 1
+                assert proxy.cut() >= 1
+                await wait_until(lambda: proxy.accepted >= 2, 2.5, "the reconnect, 0.2 s after the cut")
+                assert await cut_off.count_queue_messages(queue) == 0
+            finally:
+                await cut_off.delete_queue(queue)
