@@ -1,13 +1,55 @@
-"""Nox sessions: tests, lint, typecheck, bench, soak."""
+"""Nox sessions: tests, conformance (per supported Python), lowest (dependency floors), lint, typecheck, bench, soak."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import nox
+import nox.project
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
-PYTHONS = ["3.10", "3.11", "3.12"]
+#: The supported Pythons (pyproject: requires-python >= 3.10).
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+#: The conformance suite (every backend, both APIs) and the public API: what each supported Python runs.
+CONFORMANCE = ["tests/jobs/conformance", "tests/jobs/test_public_api.py"]
+#: At the lowest admitted versions: the conformance suite, plus the backends' own tests (driver-specific paths,
+#: such as aio-pika 9's) and the blocking facade, the seeds and README's examples.
+LOWEST = [
+    *CONFORMANCE,
+    "tests/jobs/backends",
+    "tests/jobs/test_sync_facade.py",
+    "tests/jobs/test_seed_examples.py",
+    "tests/jobs/test_readme.py",
+]
+#: The extras whose dependencies the ``lowest`` session pins to their floors, with the core dependencies.
+LOWEST_EXTRAS = ["redis", "rabbitmq", "test"]
+
+
+def lowest_constraints(path: Path) -> dict[str, str]:
+    """Write a pip constraints file pinning each direct dependency to the floor pyproject.toml declares.
+
+    The core dependencies and those of LOWEST_EXTRAS, each ``name==floor`` (its ``>=`` bound), so the floors
+    are read from pyproject.toml and cannot drift from it. A dependency without a ``>=`` floor is an error.
+    """
+    project = nox.project.load_toml("pyproject.toml")["project"]
+    lines = list(project["dependencies"])
+    for extra in LOWEST_EXTRAS:
+        lines += project["optional-dependencies"][extra]
+    pins: dict[str, str] = {}
+    for line in lines:
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        if name == canonicalize_name(project["name"]):
+            continue  # an extra of this package: its dependencies are in the list already
+        floors = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+        if len(floors) != 1:
+            raise ValueError(f"pyproject.toml: {line!r} needs exactly one '>=' floor for the lowest session")
+        pins[name] = floors[0]
+    path.write_text("".join(f"{name}=={version}\n" for name, version in sorted(pins.items())), encoding="utf-8")
+    return pins
 
 
 @nox.session(python=PYTHONS)
@@ -15,6 +57,29 @@ def tests(session: nox.Session) -> None:
     """The test suite (brokers: see README, 'Running the tests')."""
     session.install("-e", ".[test]")
     session.run("python", "-m", "pytest", "tests/jobs/", "-v", *session.posargs)
+
+
+@nox.session(python=PYTHONS)
+def conformance(session: nox.Session) -> None:
+    """The conformance suite and the public API on each supported Python, with the latest dependencies.
+
+    All three backends unless MINDTRACE_JOBS_BACKENDS narrows them; brokers as for the tests.
+    """
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", *CONFORMANCE, "-q", "-p", "no:cacheprovider", *session.posargs)
+
+
+@nox.session(python=PYTHONS[0])
+def lowest(session: nox.Session) -> None:
+    """The conformance suite and the backends' tests on the oldest Python at the lowest admitted versions.
+
+    Every direct dependency (core, redis, rabbitmq, test extras) is pinned to its pyproject.toml floor.
+    """
+    constraints = Path(session.create_tmp()) / "lowest.txt"
+    pins = lowest_constraints(constraints)
+    session.log("floors: " + ", ".join(f"{name}=={version}" for name, version in sorted(pins.items())))
+    session.install("-c", str(constraints), "-e", ".[test]")
+    session.run("python", "-m", "pytest", *LOWEST, "-q", "-p", "no:cacheprovider", *session.posargs)
 
 
 @nox.session

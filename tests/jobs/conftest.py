@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
+import re
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -18,6 +21,19 @@ from tests.jobs.support.api import Api, AsyncApi, SyncApi
 ALL_BACKENDS = ("memory", "redis", "rabbitmq")
 BACKENDS = tuple(name for name in os.environ.get("MINDTRACE_JOBS_BACKENDS", ",".join(ALL_BACKENDS)).split(",") if name)
 APIS = ("async", "sync")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On aiormq 6 (aio-pika 9, all Python 3.10 installs), tolerate the driver's own socket leak; see below."""
+    if int(importlib.metadata.version("aiormq").split(".")[0]) < 7:
+        # aiormq 6 never closes the socket of a connection the broker or the network closed (aiormq 7 does):
+        # garbage collection closes it later with a ResourceWarning, which filterwarnings=error would pin on
+        # whichever test runs then. Only these two unraisable warnings are let through, and only on aiormq 6.
+        # (As an ini line for the tests, and in the session's filters for what is collected at the end.)
+        for leaked in ("<socket.socket", "<function _SelectorTransport.__del__"):
+            message = f"Exception ignored in. {re.escape(leaked)}"
+            config.addinivalue_line("filterwarnings", f"ignore:{message}:pytest.PytestUnraisableExceptionWarning")
+            warnings.filterwarnings("ignore", message, pytest.PytestUnraisableExceptionWarning)
 
 
 def _require(url: str | None, what: str) -> str:

@@ -33,6 +33,7 @@ from mindtrace.jobs import (
     from_url,
 )
 from mindtrace.jobs.backends.rabbitmq import RETRY_BUCKETS_MS, retry_bucket, retry_queue_name
+from mindtrace.jobs.backends.rabbitmq.compat import _AIORMQ_6
 from tests.jobs.conformance.models import image_schema, make_job
 from tests.jobs.support.proxy import TcpProxy, is_loopback
 from tests.jobs.support.servers import free_port
@@ -534,3 +535,68 @@ def test_jobs_per_channel_must_be_a_positive_int() -> None:
             RabbitMQClient(jobs_per_channel=bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="jobs_per_channel"):
         RabbitMQClient.from_url("amqp://guest:guest@127.0.0.1/?jobs_per_channel=many")
+
+
+async def test_the_configured_reconnect_interval_holds(
+    amqp_url: str, queue: str, loopback_broker: tuple[str, int]
+) -> None:
+    # aio-pika 9 reads its URL options only when given no keyword arguments: reconnect_interval fell back to 5 s.
+    with TcpProxy(*loopback_broker) as proxy:
+        async with AsyncOrchestrator(proxied_client(amqp_url, proxy, reconnect_interval=0.2)) as cut_off:
+            await cut_off.declare_queue(queue)
+            try:
+                assert proxy.accepted == 2  # the consuming and the publishing connection
+                assert proxy.cut() >= 2
+                await wait_until(lambda: proxy.accepted >= 4, 2.5, "both reconnects, 0.2 s after the cut")
+                assert await cut_off.count_queue_messages(queue) == 0
+            finally:
+                await cut_off.delete_queue(queue)
+
+
+@pytest.mark.xfail(
+    _AIORMQ_6, strict=True, reason="aiormq 6 (Python 3.10): publishes stall after a connection loss; not fixed yet"
+)
+async def test_publishes_under_way_when_the_connection_drops_end_within_the_operation_timeout(
+    amqp_url: str, queue: str, loopback_broker: tuple[str, int]
+) -> None:
+    # aiormq 6 (Python 3.10): a publish still waiting for the channel's lock when the channel closed then waited
+    # forever for its write, past any timeout, so every publisher stalled for about a minute after a reconnect.
+    with TcpProxy(*loopback_broker) as proxy:
+        client = proxied_client(amqp_url, proxy, operation_timeout=1.0, reconnect_interval=0.2)
+        async with AsyncOrchestrator(client) as orchestrator:
+            schema = image_schema(queue)
+            await orchestrator.register(schema)
+            last_ended = [0.0] * 9  # when each publisher's latest publish returned or raised
+            published = 0
+            cutting = True
+
+            async def publish_while_cutting(index: int) -> None:
+                nonlocal published
+                while cutting:
+                    try:
+                        await orchestrator.publish(schema.name, make_job(schema))
+                        published += 1
+                    except (PublishError, BackendUnavailableError):
+                        await asyncio.sleep(0.01)  # an error may come without the loop running in between
+                    last_ended[index] = time.monotonic()
+
+            publishers = [asyncio.create_task(publish_while_cutting(index)) for index in range(len(last_ended))]
+            try:
+                for _ in range(4):
+                    before = published
+                    await wait_until(
+                        lambda before=before: published >= before + 100, 10, "100 publishes since the last cut"
+                    )
+                    assert proxy.cut() >= 1
+                    cut_at = time.monotonic()
+                    await wait_until(
+                        lambda cut_at=cut_at: min(last_ended) > cut_at,
+                        3,
+                        "every publisher's publish ending after the cut",
+                    )
+            finally:
+                cutting = False
+                for publisher in publishers:
+                    publisher.cancel()  # a stalled one would otherwise hold the test for a minute
+                await asyncio.gather(*publishers, return_exceptions=True)
+                await orchestrator.delete_queue(queue)

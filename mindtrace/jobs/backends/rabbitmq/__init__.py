@@ -3,7 +3,7 @@
 The package by noun: ``connection`` (the two robust connections, channels, error boundary), ``publisher``
 (confirmed publishing), ``receiver`` (claiming, one channel per running job), ``topology`` (exchange, queue
 arguments, priorities, retry buckets), ``conditions`` (refusals, an unreachable broker, resource alarms,
-consumer_timeout, in words a user can act on).
+consumer_timeout, in words a user can act on), ``compat`` (what differs on aio-pika 9 / aiormq 6).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from mindtrace.jobs.backends.base import (
     QueueOptions,
     Receiver,
 )
+from mindtrace.jobs.backends.rabbitmq.compat import _queue_delete_nowait
 from mindtrace.jobs.backends.rabbitmq.connection import _Channels, _on_open_channel, _Secret
 from mindtrace.jobs.backends.rabbitmq.publisher import _Publisher
 from mindtrace.jobs.backends.rabbitmq.receiver import _Claim, _job_id, _RabbitMQReceiver
@@ -326,7 +327,7 @@ class RabbitMQClient(Backend):
                 # Any retry queue may exist (another process may have made it): delete each without waiting;
                 # the broker answers the final delete only after it handled every one before it.
                 for bucket in RETRY_BUCKETS_MS:
-                    await underlay.queue_delete(retry_queue_name(queue, bucket), nowait=True)
+                    await _queue_delete_nowait(underlay, retry_queue_name(queue, bucket), self.operation_timeout)
                 await underlay.queue_delete(queue, timeout=self.operation_timeout)
 
     async def _declare_retry_queue(self, queue: str, bucket_ms: int) -> str:

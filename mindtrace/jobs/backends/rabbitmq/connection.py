@@ -171,8 +171,12 @@ class _Channels:
             heartbeat=self.heartbeat,
             reconnect_interval=self.reconnect_interval,
         )
+        # reconnect_interval again as a keyword: aio-pika 9 ignores the URL's options when given any keyword.
         connection = aio_pika.RobustConnection(
-            url, ssl_context=self._ssl_context, client_properties={"connection_name": name}
+            url,
+            ssl_context=self._ssl_context,
+            client_properties={"connection_name": name},
+            reconnect_interval=self.reconnect_interval,
         )
         try:
             with self._connect_errors:

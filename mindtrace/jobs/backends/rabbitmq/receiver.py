@@ -15,6 +15,7 @@ from aiormq.exceptions import ChannelNotFoundEntity
 
 from mindtrace.jobs.backends.base import Backend, Delivery, Receiver
 from mindtrace.jobs.backends.rabbitmq import conditions
+from mindtrace.jobs.backends.rabbitmq.compat import _on_consumer_cancel
 from mindtrace.jobs.backends.rabbitmq.connection import _Channels, _on_open_channel
 from mindtrace.jobs.backends.rabbitmq.publisher import _Publisher
 from mindtrace.jobs.backends.rabbitmq.topology import job_priority
@@ -106,7 +107,7 @@ class _RabbitMQReceiver(Receiver):
         """Follow ``channel``: its closing, and the broker cancelling the consumer on it."""
         channel.close_callbacks.add(self._on_channel_closed)
         underlay = await channel.get_underlay_channel()
-        underlay.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
+        _on_consumer_cancel(underlay, self._on_consumer_cancelled)
 
     def _wake_one(self) -> None:
         while self._waiters:
