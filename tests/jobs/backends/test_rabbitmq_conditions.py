@@ -28,6 +28,7 @@ from mindtrace.jobs import (
     PublishError,
     RabbitMQClient,
 )
+from mindtrace.jobs.backends.rabbitmq.compat import _AIORMQ_6
 from mindtrace.jobs.constants import CONNECT_TIMEOUT
 from tests.jobs.conformance.models import image_schema, make_job
 from tests.jobs.support import servers
@@ -185,6 +186,12 @@ def silent_server() -> Iterator[int]:
         yield int(listener.getsockname()[1])
 
 
+@pytest.mark.xfail(
+    _AIORMQ_6,
+    strict=True,
+    reason="aiormq 6 (Python 3.10): its connect does not end when cancelled, so connect_timeout cannot bound it",
+)
+@pytest.mark.timeout(15 if _AIORMQ_6 else 60)
 async def test_a_broker_that_never_answers_is_unavailable_within_connect_timeout() -> None:
     with silent_server() as port:
         client = RabbitMQClient("127.0.0.1", port, connect_timeout=0.5)
@@ -229,6 +236,12 @@ def memory_alarm(node: servers.RabbitMQNode) -> Iterator[None]:
         node.ctl("set_vm_memory_high_watermark", "0.4")
 
 
+@pytest.mark.xfail(
+    _AIORMQ_6,
+    strict=True,
+    reason="aiormq 6 (Python 3.10): the connection's blocked/unblocked notices are not reachable, so errors "
+    "during an alarm cannot name it",
+)
 async def test_a_consumer_acks_through_a_memory_alarm_and_errors_say_the_broker_is_blocked(
     node: servers.RabbitMQNode, orchestrator: AsyncOrchestrator, queue: str
 ) -> None:

@@ -33,6 +33,11 @@ logger = logging.getLogger("mindtrace.jobs")
 # -- refusals ----------------------------------------------------------------------------------------
 
 
+#: Connection.Close reply codes that answer "no" rather than "gone": NOT_ALLOWED (vhost missing or refused),
+#: ACCESS_REFUSED, INVALID_PATH.
+_REFUSAL_CODES = frozenset({530, 403, 402})
+
+
 def _close_frame(error: BaseException) -> spec.Connection.Close | None:
     """The Connection.Close frame the broker answered a handshake step with, if the driver saw one.
 
@@ -81,6 +86,10 @@ def refusal(error: BaseException, endpoint: Endpoint) -> BackendRefusedError | N
             reason = str(frame.reply_text or f"reply code {frame.reply_code}")
         elif "Connection.Close" in str(error):
             reason = "the broker closed the connection when asked to open the vhost"
+    else:  # aiormq 6.8-6.9 raise pamqp's AMQPInternalError with the Close frame as an argument
+        frame = _close_frame(error)
+        if frame is not None and frame.reply_code in _REFUSAL_CODES:
+            reason = str(frame.reply_text or f"reply code {frame.reply_code}")
     if reason is None:
         return None
     if "not found" in reason:
