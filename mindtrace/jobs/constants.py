@@ -70,3 +70,9 @@ INTERRUPT_GRACE: Final = 5.0
 
 #: Name of the schema under which undecodable messages are dead-lettered.
 UNDECODABLE_SCHEMA: Final = "mindtrace.undecodable"
+
+#: Seconds a finished job's record (status, output, error) is kept; after that the job reads as UNKNOWN.
+RESULT_TTL: Final = 3600.0
+
+#: Largest encoded output of one run kept as its result (1 MiB); larger raise ResultTooLargeError.
+MAX_RESULT_BYTES: Final = 1024 * 1024

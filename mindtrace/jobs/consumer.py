@@ -5,6 +5,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import os
+import socket
 import sys
 from typing import Any
 
@@ -19,11 +21,13 @@ from mindtrace.jobs.errors import (
     JobValidationError,
     QueueError,
     QueueNotFoundError,
+    ResultTooLargeError,
     UsageError,
 )
 from mindtrace.jobs.orchestrator import AsyncOrchestrator
 from mindtrace.jobs.policy import Action, Outcome, RetryPolicy, after_run, before_run, release, undecodable
 from mindtrace.jobs.types import Job, JobOutput, validate_as
+from mindtrace.jobs.wire import UntypedOutput
 
 logger = logging.getLogger("mindtrace.jobs")
 
@@ -97,6 +101,8 @@ class AsyncConsumer(abc.ABC):
         self._consuming: set[asyncio.Future[None]] = set()  # one per consume() call running, done when it ends
         self._running: dict[Delivery, asyncio.Task[None]] = {}  # jobs inside run(), by the worker running them
         self._evicted: set[asyncio.Task[None]] = set()  # workers shutdown() cancelled: they end quietly
+        #: Who runs the jobs, as recorded in their records: host, process id and this consumer.
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
 
     @abc.abstractmethod
     async def run(self, job: Job) -> Any:
@@ -294,8 +300,9 @@ class AsyncConsumer(abc.ABC):
             if outcome.action is Action.RUN:
                 self._running[delivery] = worker  # its lease is renewed; shutdown() may cut it short
                 try:
+                    await orchestrator.record_started(delivery.queue, job, self.worker_id)
                     result = await self.run(job)
-                    self._check_output(job, result)
+                    output = self._check_output(job, result, orchestrator.max_result_bytes, delivery.queue)
                 except Exception as exc:
                     outcome = after_run(job, exc, self.retry_policy)
                 except BaseException:
@@ -303,7 +310,7 @@ class AsyncConsumer(abc.ABC):
                     await asyncio.shield(self._settle(delivery, release(job)))
                     raise
                 else:
-                    outcome = after_run(job, None, self.retry_policy)
+                    outcome = after_run(job, None, self.retry_policy)._replace(output=output)
                 finally:
                     self._running.pop(delivery, None)
         await self._settle(delivery, outcome)
@@ -317,19 +324,31 @@ class AsyncConsumer(abc.ABC):
             logger.warning("could not settle a message from %r (it will be redelivered): %s", delivery.queue, exc)
 
     @staticmethod
-    def _check_output(job: Job, result: Any) -> None:
+    def _check_output(job: Job, result: Any, limit: int, queue: str) -> str | None:
+        """``run``'s result validated against the schema's output type, as the JSON text recorded (None for
+        None); JobValidationError when it does not validate, ResultTooLargeError over ``limit`` bytes."""
+        if result is None:
+            return None
         output_type = job.payload.output_type
-        if result is None or output_type is None or isinstance(result, output_type):
-            return
-        if isinstance(result, (JobOutput, dict)):
-            what = f"run() result does not validate as {output_type.__name__}"
-            validate_as(output_type, result, what, schema=job.payload.name, job_id=job.id)
-            return
-        raise JobValidationError(
-            f"run() returned {type(result).__name__}, expected {output_type.__name__}, a dict or None",
-            schema=job.payload.name,
-            job_id=job.id,
-        )
+        if isinstance(result, JobOutput):
+            if output_type is not None and not isinstance(result, output_type):
+                what = f"run() result does not validate as {output_type.__name__}"
+                result = validate_as(output_type, result.model_dump(), what, schema=job.payload.name, job_id=job.id)
+        elif isinstance(result, dict):
+            what = f"run() result does not validate as {(output_type or JobOutput).__name__}"
+            result = validate_as(output_type or UntypedOutput, result, what, schema=job.payload.name, job_id=job.id)
+        else:
+            expected = output_type.__name__ if output_type is not None else "JobOutput"
+            raise JobValidationError(
+                f"run() returned {type(result).__name__}, expected {expected}, a dict or None",
+                schema=job.payload.name,
+                job_id=job.id,
+            )
+        text: str = result.model_dump_json()
+        size = len(text.encode())
+        if size > limit:
+            raise ResultTooLargeError(queue=queue, job_id=job.id, size=size, limit=limit)
+        return text
 
     async def _keep_leases(self, lease: float) -> None:
         """Every ``lease / 3`` s, extend the lease of every job running: a job that started since the last

@@ -7,11 +7,19 @@ The tree::
     ├── MissingDependencyError      a backend's driver is not installed; names the extra (also ImportError)
     ├── JobValidationError          a job or a job input does not validate; names the schema (also ValueError)
     ├── PayloadTooLargeError        an encoded job is over the size limit              (also ValueError)
+    │   └── ResultTooLargeError     a run's output is over the result size cap (max_result_bytes)
     ├── DecodeError                 bytes on the wire are not a job; keeps the raw bytes
     ├── QueueError
     │   ├── InvalidQueueNameError   empty, too long, or characters that could collide  (also ValueError)
     │   ├── QueueNotFoundError      the queue was never declared, or the broker lost it (also LookupError)
     │   └── QueueConflictError      declared again with different options
+    ├── JobOutcomeError             result() of a job that did not succeed; names the job and queue
+    │   ├── JobFailedError          it was dead-lettered: ``error`` and ``attempts`` recorded
+    │   ├── JobCancelledError       it was cancelled (``reason``)
+    │   ├── JobExpiredError         it passed its "do not start after" time unrun
+    │   └── JobNotFoundError        no record: never published there, or past retention (also LookupError)
+    ├── ResultTimeoutError          a wait for a job ran out of time; the job goes on  (also TimeoutError)
+    ├── JobTimeoutError             a run went over its time limit; recorded as a failure (also TimeoutError)
     ├── BackendError                the broker failed an operation
     │   ├── BackendUnavailableError cannot reach host:port (also ConnectionError); retryable
     │   ├── BackendRefusedError     the broker answered and refused: credentials, vhost, permissions; fatal
@@ -29,6 +37,8 @@ backend gives ``backends._endpoint.map_errors``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class JobsError(Exception):
@@ -204,3 +214,99 @@ class LoopThreadError(UsageError):
 
 class ForkError(UsageError):
     """An object created in one process was used in a forked child; create a new one in the child."""
+
+
+class ResultTooLargeError(PayloadTooLargeError):
+    """A run's output encodes to more than the result size cap; the run is recorded as a failure.
+
+    Keep large artifacts elsewhere (object storage, a file system) and return their URIs.
+    """
+
+    def __init__(self, *, queue: str, job_id: str, size: int, limit: int) -> None:
+        ValueError.__init__(
+            self,
+            f"output of job {job_id!r} from queue {queue!r} encodes to {size} bytes, over the result limit of "
+            f"{limit} bytes (max_result_bytes): store large artifacts elsewhere and return their URIs",
+        )
+        self.queue = queue
+        self.job_id = job_id
+        self.size = size
+        self.limit = limit
+
+
+class JobOutcomeError(JobsError):
+    """``result()`` of a job that did not succeed. ``job_id`` and ``queue`` name it; ``info`` is its record."""
+
+    def __init__(self, message: str, *, job_id: str, queue: str, info: Any = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.queue = queue
+        self.info = info
+
+
+class JobFailedError(JobOutcomeError):
+    """The job spent its retries and was dead-lettered; ``error`` is its last error, ``attempts`` its runs."""
+
+    def __init__(self, *, job_id: str, queue: str, attempts: int, error: str | None, info: Any = None) -> None:
+        super().__init__(
+            f"job {job_id!r} from queue {queue!r} failed after {attempts} attempt(s): {error}",
+            job_id=job_id,
+            queue=queue,
+            info=info,
+        )
+        self.attempts = attempts
+        self.error = error
+
+
+class JobCancelledError(JobOutcomeError):
+    """The job was cancelled before it finished; ``reason`` is the one given to ``cancel()`` (or None)."""
+
+    def __init__(self, *, job_id: str, queue: str, reason: str | None = None, info: Any = None) -> None:
+        why = f": {reason}" if reason else ""
+        super().__init__(
+            f"job {job_id!r} from queue {queue!r} was cancelled{why}", job_id=job_id, queue=queue, info=info
+        )
+        self.reason = reason
+
+
+class JobExpiredError(JobOutcomeError):
+    """The job reached its "do not start after" time before a consumer took it, and was dropped unrun."""
+
+    def __init__(self, *, job_id: str, queue: str, info: Any = None) -> None:
+        super().__init__(
+            f"job {job_id!r} from queue {queue!r} expired before it could start", job_id=job_id, queue=queue, info=info
+        )
+
+
+class JobNotFoundError(JobOutcomeError, LookupError):
+    """No record of the job on that queue: it was never published there, or its record is past retention."""
+
+    def __init__(self, *, job_id: str, queue: str) -> None:
+        super().__init__(
+            f"no job {job_id!r} is known on queue {queue!r} (never published there, or its result is past "
+            "retention: see result_ttl)",
+            job_id=job_id,
+            queue=queue,
+        )
+
+
+class ResultTimeoutError(JobsError, TimeoutError):
+    """A wait for a job's result ran out of time. The job is left as it was (``status``: as last seen)."""
+
+    def __init__(self, *, job_id: str, queue: str, timeout: float | None, status: Any = None) -> None:
+        seen = f" (last seen {getattr(status, 'value', status)})" if status is not None else ""
+        super().__init__(f"job {job_id!r} from queue {queue!r} did not finish within {timeout}s{seen}")
+        self.job_id = job_id
+        self.queue = queue
+        self.timeout = timeout
+        self.status = status
+
+
+class JobTimeoutError(JobsError, TimeoutError):
+    """A run of a job went over its time limit; the run is recorded as failed (retried, then dead-lettered)."""
+
+    def __init__(self, *, job_id: str, queue: str, limit: float) -> None:
+        super().__init__(f"job {job_id!r} from queue {queue!r} ran over its time limit of {limit}s")
+        self.job_id = job_id
+        self.queue = queue
+        self.limit = limit

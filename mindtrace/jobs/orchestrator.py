@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 import types
 import weakref
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,7 @@ from mindtrace.jobs.backends.base import (
     dead_letter_queue_name,
     validate_queue_name,
 )
-from mindtrace.jobs.constants import CLOSE_GRACE, DLQ_SUFFIX
+from mindtrace.jobs.constants import CLOSE_GRACE, DLQ_SUFFIX, MAX_RESULT_BYTES, RESULT_TTL
 from mindtrace.jobs.errors import (
     ClosedError,
     ConfigurationError,
@@ -31,8 +32,11 @@ from mindtrace.jobs.errors import (
     QueueNotFoundError,
     UsageError,
 )
+from mindtrace.jobs.handle import AsyncJobHandle
+from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus, Progress, StateUpdate
 from mindtrace.jobs.policy import Action, Outcome, requeued, retry_refused, undecodable
-from mindtrace.jobs.types import QUEUE_MAPPING, Job, JobSchema
+from mindtrace.jobs.state import StateStore, state_store_from_url
+from mindtrace.jobs.types import QUEUE_MAPPING, Job, JobOutput, JobSchema
 from mindtrace.jobs.wire import SchemaTypes, check_against, decode, encode
 
 if TYPE_CHECKING:
@@ -41,9 +45,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mindtrace.jobs")
 
 
-def outgoing(job: Job, *, resumes: bool = False) -> OutgoingMessage:
-    """The encoded form of ``job``, ready for a backend (``resumes``: see OutgoingMessage)."""
-    return OutgoingMessage(encode(job), job.priority, job.id, resumes)
+def outgoing(job: Job, *, resumes: bool = False, state: StateUpdate | None = None) -> OutgoingMessage:
+    """The encoded form of ``job``, ready for a backend (``resumes``, ``state``: see OutgoingMessage)."""
+    return OutgoingMessage(encode(job), job.priority, job.id, resumes, state)
+
+
+def _queued(job: Job) -> StateUpdate:
+    """The record a publish starts: QUEUED, with the schema name so readers can type the output."""
+    return StateUpdate(job.id, JobStatus.QUEUED, attempts=job.attempts, schema=job.payload.name, kind="published")
 
 
 class AsyncOrchestrator:
@@ -51,13 +60,40 @@ class AsyncOrchestrator:
 
     ``backend`` is a Backend instance (``LocalClient()``, ``RedisClient(...)``, ``RabbitMQClient(...)``) or a
     URL (``memory://``, ``redis://host:6379/0``, ``amqp://user:pass@host/vhost``). Use as ``async with``, or
-    call ``close()``: closing the orchestrator stops the consumers connected to it, then closes its backend.
+    call ``close()``: closing the orchestrator stops the consumers connected to it, then closes its backend
+    and its state store.
+
+    Job records (status, results, cancel): ``state`` is where they live: None (the default) for the
+    backend's own store, a :class:`StateStore`, a URL (``redis://...``: a Redis store for any broker), or
+    False for none (then ``publish`` returns handles that cannot be followed). ``result_ttl``: seconds a
+    finished job's record is kept (per queue with ``declare_queue(q, result_ttl=...)``); ``max_result_bytes``:
+    the largest output kept, over which the run is recorded as failed with ResultTooLargeError.
     """
 
-    def __init__(self, backend: Backend | str) -> None:
+    def __init__(
+        self,
+        backend: Backend | str,
+        *,
+        state: StateStore | str | bool | None = None,
+        result_ttl: float = RESULT_TTL,
+        max_result_bytes: int = MAX_RESULT_BYTES,
+    ) -> None:
         self.backend: Backend = from_url(backend) if isinstance(backend, str) else backend
         if not isinstance(self.backend, Backend):
             raise JobValidationError(f"backend must be a Backend or a URL, not {type(backend).__name__}")
+        if not (isinstance(result_ttl, (int, float)) and result_ttl > 0) or isinstance(result_ttl, bool):
+            raise ConfigurationError(f"result_ttl must be a number of seconds > 0, not {result_ttl!r}")
+        if isinstance(max_result_bytes, bool) or not isinstance(max_result_bytes, int) or max_result_bytes <= 0:
+            raise ConfigurationError(f"max_result_bytes must be an int > 0, not {max_result_bytes!r}")
+        if state is True:
+            state = None
+        if not (state is None or state is False or isinstance(state, (str, StateStore))):
+            raise ConfigurationError(f"state must be a StateStore, a URL, None or False, not {type(state).__name__}")
+        self._state_option: StateStore | str | bool | None = state
+        self._state: StateStore | None = None
+        self.result_ttl = float(result_ttl)
+        self.max_result_bytes = max_result_bytes
+        self._result_ttls: dict[str, float] = {}
         self._schemas: dict[str, SchemaTypes] = {}
         # Queues this orchestrator declared or saw, with the options to declare them again if the broker
         # loses them (a Redis restart without persistence); a cache, so checked again on QueueNotFoundError.
@@ -77,6 +113,119 @@ class AsyncOrchestrator:
         if self._closed:
             raise ClosedError(f"orchestrator on {self.backend.describe()} is closed")
 
+    # -- job records --------------------------------------------------------------------------------
+
+    @property
+    def records(self) -> bool:
+        """Whether this orchestrator keeps job records (``state`` is not False)."""
+        if self._state_option is False:
+            return False
+        if self._state is None:
+            try:
+                self.state  # noqa: B018 (made here)
+            except NotImplementedError:  # a backend without a store of its own yet
+                self._state_option = False
+                return False
+        return True
+
+    @property
+    def state(self) -> StateStore:
+        """The state store of this orchestrator's job records (made on first use); UsageError with
+        ``state=False``."""
+        if self._state is None:
+            option = self._state_option
+            if option is False:
+                raise UsageError("this orchestrator keeps no job records (state=False): status and results are off")
+            if isinstance(option, StateStore):
+                self._state = option
+            elif isinstance(option, str):
+                self._state = state_store_from_url(option)
+            else:
+                self._state = self.backend.state_store()
+        return self._state
+
+    def _fused(self) -> bool:
+        """Whether the backend writes the records itself, inside its publish and settle steps."""
+        return self.state.settles_with(self.backend)
+
+    def result_ttl_for(self, queue: str) -> float:
+        """Seconds a finished job's record of ``queue`` is kept (the queue's own, else the orchestrator's)."""
+        return self._result_ttls.get(queue, self.result_ttl)
+
+    def output_type(self, schema: str | None) -> type[JobOutput] | None:
+        """The output class registered here for ``schema``, or None."""
+        types = None if schema is None else self._schemas.get(schema)
+        return None if types is None else types.output_type
+
+    def job(self, job_id: str, queue: str) -> AsyncJobHandle:
+        """A handle on the job ``job_id`` of ``queue``, published by any process (no I/O until used)."""
+        self._check_open()
+        if not isinstance(job_id, str) or not job_id:
+            raise JobValidationError(f"job id must be a non-empty str, not {job_id!r}")
+        return AsyncJobHandle(job_id, validate_queue_name(queue), self)
+
+    async def job_info(self, job_id: str, queue: str) -> JobInfo:
+        """The record of job ``job_id`` on ``queue`` (status UNKNOWN when there is none)."""
+        self._check_open()
+        return await self.state.info(validate_queue_name(queue), job_id)
+
+    async def wait_for(self, job_id: str, queue: str, timeout: float | None = None) -> JobInfo:
+        """The record of job ``job_id`` once it is terminal (or UNKNOWN); ResultTimeoutError after ``timeout``."""
+        self._check_open()
+        if timeout is not None and not timeout >= 0:
+            raise ConfigurationError(f"timeout must be None or a number of seconds >= 0, not {timeout!r}")
+        return await self.state.wait(validate_queue_name(queue), job_id, timeout)
+
+    async def cancel(self, job_id: str, queue: str, *, reason: str | None = None) -> CancelOutcome:
+        """Cancel job ``job_id`` of ``queue``: CANCELLED (it had not started and never will), CANCELLING (it
+        runs; its consumer was signalled: ``wait()`` tells the end), ALREADY_FINISHED (record intact) or
+        NOT_FOUND. A cancel holds while no consumer runs. A cancelled job is never retried or dead-lettered."""
+        self._check_open()
+        return await self.state.cancel(validate_queue_name(queue), job_id, reason)
+
+    async def record_started(self, queue: str, job: Job, worker: str) -> None:
+        """For the consumer: ``job`` started running on ``worker`` (its record becomes RUNNING)."""
+        if self.records and not queue.endswith(DLQ_SUFFIX):
+            update = StateUpdate(job.id, JobStatus.RUNNING, attempts=job.attempts + 1, worker=worker)
+            await self.state.record(queue, update)
+
+    async def record_progress(self, queue: str, job_id: str, progress: Progress) -> None:
+        """For the consumer: the latest progress of a running job."""
+        if self.records:
+            await self.state.record(queue, StateUpdate(job_id, JobStatus.RUNNING, progress=progress, kind="progress"))
+
+    def _settle_record(self, delivery: Delivery, outcome: Outcome) -> StateUpdate | None:
+        """The record a settle writes, or None (no records, a dead-letter queue's own jobs)."""
+        queue, job = delivery.queue, outcome.job
+        if not self.records or queue.endswith(DLQ_SUFFIX):
+            return None
+        action = outcome.action
+        if action is Action.ACK:
+            status = outcome.status or JobStatus.SUCCEEDED
+            if status is JobStatus.UNKNOWN:
+                return StateUpdate(job.id, JobStatus.UNKNOWN, kind="withdrawn")
+            runs = job.attempts + 1 if status is JobStatus.SUCCEEDED else job.attempts
+            return StateUpdate(
+                job.id,
+                status,
+                attempts=runs,
+                output=outcome.output,
+                schema=job.payload.name,
+                reason=outcome.reason if status is JobStatus.CANCELLED else None,
+                ttl=self.result_ttl_for(queue),
+            )
+        if action is Action.RETRY:
+            if outcome.resumes:
+                return StateUpdate(job.id, JobStatus.QUEUED, attempts=job.attempts)
+            return StateUpdate(job.id, JobStatus.RETRYING, attempts=job.attempts, error=job.error)
+        if action is Action.RELEASE:
+            return StateUpdate(job.id, JobStatus.QUEUED, attempts=job.attempts)
+        if action is Action.DEAD_LETTER:
+            return StateUpdate(
+                job.id, JobStatus.FAILED, attempts=job.attempts, error=job.error, ttl=self.result_ttl_for(queue)
+            )
+        return None
+
     async def register(self, schema: JobSchema) -> str:
         """Remember ``schema``'s types and declare a queue named after it; returns the queue name.
 
@@ -90,10 +239,16 @@ class AsyncOrchestrator:
         self._schemas[schema.name] = SchemaTypes.of(schema)
         return schema.name
 
-    async def declare_queue(self, queue_name: str, **options: Any) -> None:
+    async def declare_queue(self, queue_name: str, *, result_ttl: float | None = None, **options: Any) -> None:
         """Create ``queue_name`` (and its ``.dlq``) if missing. Idempotent; other options than the existing
-        ones raise QueueConflictError. Options: ``durable`` (default True)."""
+        ones raise QueueConflictError. Options: ``durable`` (default True). ``result_ttl``: seconds the
+        records of this queue's finished jobs are kept when a consumer through this orchestrator settles
+        them (default: the orchestrator's ``result_ttl``)."""
         self._check_open()
+        if result_ttl is not None:
+            if isinstance(result_ttl, bool) or not isinstance(result_ttl, (int, float)) or not result_ttl > 0:
+                raise ConfigurationError(f"result_ttl of queue {queue_name!r} must be seconds > 0, not {result_ttl!r}")
+            self._result_ttls[queue_name] = float(result_ttl)
         queue_options = QueueOptions.from_kwargs(queue_name, options)
         await self.backend.declare_queue(queue_name, queue_options)
         self._known_queues[queue_name] = queue_options
@@ -120,14 +275,16 @@ class AsyncOrchestrator:
         return declared
 
     @overload
-    async def publish(self, queue_name: str, job: Job, /) -> str: ...
+    async def publish(self, queue_name: str, job: Job, /) -> AsyncJobHandle: ...
 
     @overload
-    async def publish(self, job: Job, /) -> str: ...
+    async def publish(self, job: Job, /) -> AsyncJobHandle: ...
 
-    async def publish(self, queue_or_job: str | Job, job: Job | None = None, /) -> str:
+    async def publish(self, queue_or_job: str | Job, job: Job | None = None, /) -> AsyncJobHandle:
         """Queue ``job`` on ``queue_name``, or on ``QUEUE_MAPPING[job.job_type]`` when called as
-        ``publish(job)`` (that queue is declared if missing). Returns the job id once the broker holds it.
+        ``publish(job)`` (that queue is declared if missing). Returns the job id once the broker holds it, as
+        an :class:`AsyncJobHandle` (a ``str`` equal to the id, with ``status()``, ``result()``, ``cancel()``...);
+        the job's record reads QUEUED from then on.
 
         QueueNotFoundError when a named queue was never declared, or the broker lost it (``lost``: deleted
         elsewhere, or a broker restart without persistence; an auto-routed queue is declared again instead and
@@ -138,29 +295,60 @@ class AsyncOrchestrator:
         self._check_open()
         routed = isinstance(queue_or_job, Job) and job is None
         queue, job = await self._route(queue_or_job, job)
-        message = outgoing(job)
+        record = _queued(job) if self.records else None
+        fused = record is not None and self._fused()
+        message = outgoing(job, state=record if fused else None)
+        if record is not None and not fused:
+            await self.state.record(queue, record)  # before the broker holds it: QUEUED precedes RUNNING
         try:
-            await self.backend.publish(queue, message)
-        except QueueNotFoundError:
-            if not routed:
-                raise self._lost(queue) from None
-            # Auto-routing owns its queue: the broker lost it (a restart without persistence), declare it again.
-            if await self.ensure_queue(queue, refresh=True):
-                logger.warning("auto-routed queue %r was gone from the broker: declared it again", queue)
-            await self.backend.publish(queue, message)
-        return job.id
+            try:
+                await self.backend.publish(queue, message)
+            except QueueNotFoundError:
+                if not routed:
+                    raise self._lost(queue) from None
+                # Auto-routing owns its queue: the broker lost it (a restart without persistence), declare it again.
+                if await self.ensure_queue(queue, refresh=True):
+                    logger.warning("auto-routed queue %r was gone from the broker: declared it again", queue)
+                await self.backend.publish(queue, message)
+        except BaseException:
+            if record is not None and not fused:
+                await self._withdraw(queue, [job.id])
+            raise
+        return AsyncJobHandle(job.id, queue, self)
 
-    async def publish_many(self, queue_name: str, jobs: Sequence[Job]) -> list[str]:
+    async def _withdraw(self, queue: str, job_ids: Sequence[str]) -> None:
+        """A publish failed after its QUEUED records were written: forget them (best effort, logged)."""
+        try:
+            await self.state.record_many(queue, [StateUpdate(i, JobStatus.UNKNOWN, kind="withdrawn") for i in job_ids])
+        except Exception as exc:
+            logger.warning(
+                "could not withdraw the records of %d job(s) whose publish to %r failed: %s", len(job_ids), queue, exc
+            )
+
+    async def publish_many(self, queue_name: str, jobs: Sequence[Job]) -> list[AsyncJobHandle]:
         """Queue several jobs on ``queue_name``; all are validated (as in ``publish``) and encoded before any is
-        sent."""
+        sent. Returns their handles, in order."""
         self._check_open()
         validate_queue_name(queue_name)
-        messages = [outgoing(self._check_job(job)) for job in jobs]
+        checked = [self._check_job(job) for job in jobs]
+        records = [_queued(job) for job in checked] if self.records else None
+        fused = records is not None and self._fused()
+        messages = [
+            outgoing(job, state=records[i] if records is not None and fused else None) for i, job in enumerate(checked)
+        ]
+        if records and not fused:
+            await self.state.record_many(queue_name, records)
         try:
             await self.backend.publish_many(queue_name, messages)
         except QueueNotFoundError:
+            if records and not fused:
+                await self._withdraw(queue_name, [job.id for job in checked])
             raise self._lost(queue_name) from None
-        return [message.job_id for message in messages]
+        except BaseException:
+            if records and not fused:
+                await self._withdraw(queue_name, [job.id for job in checked])
+            raise
+        return [AsyncJobHandle(message.job_id, queue_name, self) for message in messages]
 
     def _lost(self, queue: str) -> QueueNotFoundError:
         """The error for a publish the broker refused as to a missing queue, saying if it was lost."""
@@ -226,7 +414,8 @@ class AsyncOrchestrator:
                 except DecodeError as exc:
                     await self.settle(delivery, undecodable(exc))
                     continue
-                await self.settle(delivery, Outcome(Action.ACK, job))
+                # Handed out of the library's hands: its record is forgotten (the caller owns the outcome).
+                await self.settle(delivery, Outcome(Action.ACK, job, status=JobStatus.UNKNOWN))
                 return job
 
     async def settle(self, delivery: Delivery, outcome: Outcome) -> None:
@@ -237,10 +426,16 @@ class AsyncOrchestrator:
         """
         backend, job, queue = self.backend, outcome.job, delivery.queue
         action = outcome.action
+        record = self._settle_record(delivery, outcome)
+        if record is not None and not self._fused():
+            # Before the broker settles: a crash in between runs the job again, and the first terminal record
+            # stands (the consumer then settles the redelivery unrun).
+            await self.state.record(queue, record)
+            record = None
         if action is Action.ACK:
-            await backend.ack(delivery)
+            await backend.ack(delivery, state=record)
         elif action is Action.RELEASE:
-            await backend.release(delivery)
+            await backend.release(delivery, state=record)
         elif action is Action.RETRY:
             if outcome.resumes:
                 logger.info("job %s from %r was redelivered: %s, handed back", job.id, queue, outcome.reason)
@@ -254,12 +449,12 @@ class AsyncOrchestrator:
                     outcome.reason,
                 )
             try:
-                await backend.retry(delivery, outgoing(job, resumes=outcome.resumes), outcome.delay)
+                await backend.retry(delivery, outgoing(job, resumes=outcome.resumes), outcome.delay, state=record)
             except PayloadTooLargeError as exc:  # refused before anything was settled
                 await self.settle(delivery, retry_refused(outcome, exc))
         elif action is Action.DEAD_LETTER:
             logger.warning("dead-lettering job %s from %r: %s", job.id, queue, outcome.reason)
-            await backend.dead_letter(delivery, outgoing(job))
+            await backend.dead_letter(delivery, outgoing(job), state=record)
         else:
             raise UsageError(f"{action} is not a settle verb")
 
@@ -271,12 +466,18 @@ class AsyncOrchestrator:
     async def clean_queue(self, queue_name: str) -> int:
         """Remove every ready job from ``queue_name``; returns how many were removed."""
         self._check_open()
-        return await self.backend.purge(queue_name)
+        started = time.time()
+        removed = await self.backend.purge(queue_name)
+        if self.records and not self._fused():
+            await self.state.purged(queue_name, started)
+        return removed
 
     async def delete_queue(self, queue_name: str) -> None:
         """Delete ``queue_name`` and its dead-letter queue, with every job in them."""
         self._check_open()
         await self.backend.delete_queue(queue_name)
+        if self.records and not self._fused():
+            await self.state.forget_queue(queue_name)
         self._known_queues.pop(queue_name, None)
 
     async def requeue_dead_letters(self, queue_name: str, limit: int | None = None) -> int:
@@ -347,6 +548,8 @@ class AsyncOrchestrator:
                 given_back,
                 grace,
             )
+        if self._state is not None:
+            await self._state.close()
         await self.backend.close()
 
     async def __aenter__(self) -> AsyncOrchestrator:

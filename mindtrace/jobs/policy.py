@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 from mindtrace.jobs.constants import MAX_RETRIES, MAX_RETRY_DELAY, RETRY_BACKOFF, RETRY_DELAY, UNDECODABLE_SCHEMA
 from mindtrace.jobs.errors import ConfigurationError, DecodeError
+from mindtrace.jobs.lifecycle import JobStatus
 from mindtrace.jobs.types import Job
 from mindtrace.jobs.wire import undecodable_job
 
@@ -91,7 +92,9 @@ class Outcome(NamedTuple):
 
     ``job`` carries the updated fields (``attempts``, ``error``) the settle verb writes back; the job handed
     to the decision is never modified. ``delay`` (seconds) and ``resumes`` (see ``OutgoingMessage``) apply to
-    RETRY; ``reason`` says why, for the log.
+    RETRY; ``reason`` says why, for the log (and is the cancel reason of a CANCELLED job). For ACK, ``status``
+    is the terminal status recorded (None: SUCCEEDED; CANCELLED, EXPIRED; UNKNOWN: the record is forgotten,
+    the job handed out) and ``output`` the JSON text of the validated output.
     """
 
     action: Action
@@ -99,6 +102,8 @@ class Outcome(NamedTuple):
     delay: float = 0.0
     resumes: bool = False
     reason: str = ""
+    status: JobStatus | None = None
+    output: str | None = None
 
     @property
     def counts(self) -> bool:

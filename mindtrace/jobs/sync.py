@@ -9,15 +9,75 @@ import types
 from collections.abc import Mapping, Sequence
 from typing import Any, overload
 
-from mindtrace.jobs._loop_thread import DaemonPool, get_loop_thread
+from mindtrace.jobs._loop_thread import DaemonPool, LoopThread, get_loop_thread
 from mindtrace.jobs.backends.base import Backend
-from mindtrace.jobs.constants import CLOSE_GRACE
+from mindtrace.jobs.constants import CLOSE_GRACE, MAX_RESULT_BYTES, RESULT_TTL
 from mindtrace.jobs.consumer import AsyncConsumer
 from mindtrace.jobs.errors import UsageError
+from mindtrace.jobs.handle import AsyncJobHandle, ModelT
+from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus
 from mindtrace.jobs.orchestrator import AsyncOrchestrator
 from mindtrace.jobs.policy import RetryPolicy
-from mindtrace.jobs.types import Job, JobSchema
+from mindtrace.jobs.state.base import StateStore
+from mindtrace.jobs.types import Job, JobOutput, JobSchema
 from mindtrace.jobs.wire import SchemaTypes
+
+
+class JobHandle(str):
+    """The blocking twin of :class:`AsyncJobHandle`: a ``str`` equal to the job id, whose methods block.
+
+    ``Orchestrator.publish`` returns one; ``Orchestrator.job(id, queue)`` makes one. The async handle is ``.aio``.
+    A handle pickles (and JSON-encodes) as its plain id.
+    """
+
+    aio: AsyncJobHandle
+    _thread: LoopThread
+
+    def __new__(cls, handle: AsyncJobHandle, thread: LoopThread) -> JobHandle:
+        self = super().__new__(cls, str(handle))
+        self.aio = handle
+        self._thread = thread
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (str, (str(self),))
+
+    def __repr__(self) -> str:
+        return f"<JobHandle {str(self)!r} on {self.queue!r}>"
+
+    @property
+    def id(self) -> str:
+        """The job id (a plain ``str``)."""
+        return str(self)
+
+    @property
+    def queue(self) -> str:
+        """The queue the job was published on."""
+        return self.aio.queue
+
+    def info(self) -> JobInfo:
+        """See :meth:`AsyncJobHandle.info`."""
+        return self._thread.run(self.aio.info(), "JobHandle")
+
+    def status(self) -> JobStatus:
+        """See :meth:`AsyncJobHandle.status`."""
+        return self._thread.run(self.aio.status(), "JobHandle")
+
+    def wait(self, timeout: float | None = None) -> JobInfo:
+        """See :meth:`AsyncJobHandle.wait`; Ctrl-C ends the wait (the job goes on)."""
+        return self._thread.run(self.aio.wait(timeout), "JobHandle")
+
+    def result(self, timeout: float | None = None) -> JobOutput | None:
+        """See :meth:`AsyncJobHandle.result`."""
+        return self._thread.run(self.aio.result(timeout), "JobHandle")
+
+    def result_as(self, model: type[ModelT], timeout: float | None = None) -> ModelT:
+        """See :meth:`AsyncJobHandle.result_as`."""
+        return self._thread.run(self.aio.result_as(model, timeout), "JobHandle")
+
+    def cancel(self, reason: str | None = None) -> CancelOutcome:
+        """See :meth:`AsyncJobHandle.cancel`."""
+        return self._thread.run(self.aio.cancel(reason), "JobHandle")
 
 
 class Orchestrator:
@@ -29,9 +89,16 @@ class Orchestrator:
     ``with``; one left open is closed at interpreter exit. The async orchestrator is ``.aio``.
     """
 
-    def __init__(self, backend: Backend | str) -> None:
+    def __init__(
+        self,
+        backend: Backend | str,
+        *,
+        state: StateStore | str | bool | None = None,
+        result_ttl: float = RESULT_TTL,
+        max_result_bytes: int = MAX_RESULT_BYTES,
+    ) -> None:
         self._thread = get_loop_thread()
-        self.aio = AsyncOrchestrator(backend)
+        self.aio = AsyncOrchestrator(backend, state=state, result_ttl=result_ttl, max_result_bytes=max_result_bytes)
         self._thread.track(self.aio)
 
     def __repr__(self) -> str:
@@ -51,23 +118,37 @@ class Orchestrator:
         """See :meth:`AsyncOrchestrator.register`."""
         return self._thread.run(self.aio.register(schema), "Orchestrator")
 
-    def declare_queue(self, queue_name: str, **options: Any) -> None:
+    def declare_queue(self, queue_name: str, *, result_ttl: float | None = None, **options: Any) -> None:
         """See :meth:`AsyncOrchestrator.declare_queue`."""
-        return self._thread.run(self.aio.declare_queue(queue_name, **options), "Orchestrator")
+        return self._thread.run(self.aio.declare_queue(queue_name, result_ttl=result_ttl, **options), "Orchestrator")
 
     @overload
-    def publish(self, queue_name: str, job: Job, /) -> str: ...
+    def publish(self, queue_name: str, job: Job, /) -> JobHandle: ...
 
     @overload
-    def publish(self, job: Job, /) -> str: ...
+    def publish(self, job: Job, /) -> JobHandle: ...
 
-    def publish(self, queue_or_job: str | Job, job: Job | None = None, /) -> str:
-        """See :meth:`AsyncOrchestrator.publish`."""
-        return self._thread.run(self.aio.publish(queue_or_job, job), "Orchestrator")  # type: ignore[arg-type]
+    def publish(self, queue_or_job: str | Job, job: Job | None = None, /) -> JobHandle:
+        """See :meth:`AsyncOrchestrator.publish`; returns a :class:`JobHandle` (a ``str``: the job id)."""
+        handle = self._thread.run(self.aio.publish(queue_or_job, job), "Orchestrator")  # type: ignore[arg-type]
+        return JobHandle(handle, self._thread)
 
-    def publish_many(self, queue_name: str, jobs: Sequence[Job]) -> list[str]:
+    def publish_many(self, queue_name: str, jobs: Sequence[Job]) -> list[JobHandle]:
         """See :meth:`AsyncOrchestrator.publish_many`."""
-        return self._thread.run(self.aio.publish_many(queue_name, jobs), "Orchestrator")
+        handles = self._thread.run(self.aio.publish_many(queue_name, jobs), "Orchestrator")
+        return [JobHandle(handle, self._thread) for handle in handles]
+
+    def job(self, job_id: str, queue: str) -> JobHandle:
+        """See :meth:`AsyncOrchestrator.job`."""
+        return JobHandle(self.aio.job(job_id, queue), self._thread)
+
+    def job_info(self, job_id: str, queue: str) -> JobInfo:
+        """See :meth:`AsyncOrchestrator.job_info`."""
+        return self._thread.run(self.aio.job_info(job_id, queue), "Orchestrator")
+
+    def cancel(self, job_id: str, queue: str, *, reason: str | None = None) -> CancelOutcome:
+        """See :meth:`AsyncOrchestrator.cancel`."""
+        return self._thread.run(self.aio.cancel(job_id, queue, reason=reason), "Orchestrator")
 
     def receive_message(self, queue_name: str, timeout: float | None = None) -> Job | None:
         """See :meth:`AsyncOrchestrator.receive_message`."""

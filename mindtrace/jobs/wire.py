@@ -50,7 +50,7 @@ class _UntypedInput(JobInput, extra="allow"):
     """Input of a job whose schema is not registered in this process: fields kept as given."""
 
 
-class _UntypedOutput(JobOutput, extra="allow"):
+class UntypedOutput(JobOutput, extra="allow"):
     """Output of a job whose schema is not registered in this process: fields kept as given."""
 
 
@@ -161,7 +161,7 @@ def decode(raw: bytes, schemas: Mapping[str, SchemaTypes], *, queue: str | None 
             raise DecodeError("schema name is not a string", raw, queue=queue, job_id=job_id)
         types = schemas.get(schema_name) or BUILTIN_SCHEMAS.get(schema_name)
         input_type: type[JobInput] = types.input_type if types else _UntypedInput
-        output_type: type[JobOutput] = (types.output_type if types else None) or _UntypedOutput
+        output_type: type[JobOutput] = (types.output_type if types else None) or UntypedOutput
         input_data = data["input"]
         job_input: JobInput | type[JobInput] = (
             input_type if input_data is None else input_type.model_validate(input_data)

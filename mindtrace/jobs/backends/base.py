@@ -16,7 +16,7 @@ import asyncio
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from mindtrace.jobs.constants import (
     DLQ_SUFFIX,
@@ -35,6 +35,10 @@ from mindtrace.jobs.errors import (
     UsageError,
     WrongEventLoopError,
 )
+from mindtrace.jobs.lifecycle import StateUpdate
+
+if TYPE_CHECKING:
+    from mindtrace.jobs.state.base import StateStore
 
 
 @dataclass(frozen=True)
@@ -105,12 +109,15 @@ class OutgoingMessage:
 
     ``resumes``: the message stands for a run that was cut short (a job given back, a lost run recorded), so a
     broker that re-publishes it should put it ahead of the jobs waiting at its priority, back where it was.
+    ``state``: the job's record to write with it, for a backend whose own state store ``settles_with`` it
+    (None otherwise, and on backends without one).
     """
 
     body: bytes
     priority: int
     job_id: str
     resumes: bool = False
+    state: StateUpdate | None = None
 
 
 @dataclass(eq=False)
@@ -251,6 +258,10 @@ class Backend(abc.ABC):
         self._connect_lock: asyncio.Lock | None = None
         self._connected = False
 
+    def state_store(self) -> StateStore:
+        """This backend's own job-state store, the default of an orchestrator over it (made once)."""
+        raise NotImplementedError(f"{type(self).__name__} has no state store")
+
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Backend:
         """A backend configured from ``url``; each backend documents the URL form it takes."""
@@ -358,31 +369,41 @@ class Backend(abc.ABC):
         await self._ensure_connected()
         return await self._open_receiver(queue, prefetch)
 
-    async def ack(self, delivery: Delivery) -> None:
-        """Settle: the job is done and leaves the broker. LeaseLostError if the lease went elsewhere."""
-        self._settle(delivery)
-        await self._ack(delivery)
+    async def ack(self, delivery: Delivery, *, state: StateUpdate | None = None) -> None:
+        """Settle: the job is done and leaves the broker. LeaseLostError if the lease went elsewhere.
 
-    async def release(self, delivery: Delivery) -> None:
+        ``state`` (every settle verb takes it): the job's record to write in the same step, for a backend whose
+        own state store ``settles_with`` it; others are never given one.
+        """
+        self._settle(delivery)
+        await self._ack(delivery, state)
+
+    async def release(self, delivery: Delivery, *, state: StateUpdate | None = None) -> None:
         """Settle: give the message back to its queue unchanged, at its place, ready at once."""
         self._settle(delivery)
-        await self._release(delivery)
+        await self._release(delivery, state)
 
-    async def retry(self, delivery: Delivery, message: OutgoingMessage, delay: float) -> None:
+    async def retry(
+        self, delivery: Delivery, message: OutgoingMessage, delay: float, *, state: StateUpdate | None = None
+    ) -> None:
         """Settle: replace the message with ``message`` (attempts updated), ready again after ``delay`` s."""
         self._check_message(delivery.queue, message)
         self._settle(delivery)
-        await self._retry(delivery, message, max(0.0, delay))
+        await self._retry(delivery, message, max(0.0, delay), state)
 
-    async def dead_letter(self, delivery: Delivery, message: OutgoingMessage) -> None:
+    async def dead_letter(
+        self, delivery: Delivery, message: OutgoingMessage, *, state: StateUpdate | None = None
+    ) -> None:
         """Settle: put ``message`` (error recorded) on the dead-letter queue, then drop the original."""
         self._settle(delivery)
-        await self._dead_letter(delivery, dead_letter_queue_name(delivery.queue), message)
+        await self._dead_letter(delivery, dead_letter_queue_name(delivery.queue), message, state)
 
-    async def extend(self, delivery: Delivery, seconds: float) -> None:
-        """Keep the claim for ``seconds`` more. A no-op on brokers without leases."""
+    async def extend(self, delivery: Delivery, seconds: float) -> bool:
+        """Keep the claim for ``seconds`` more (a no-op on brokers without leases). Returns whether the
+        backend's own state store holds a cancel request for the job (a fallback for a missed cancel signal)."""
         if not delivery.settled:
-            await self._extend(delivery, seconds)
+            return await self._extend(delivery, seconds)
+        return False
 
     async def count(self, queue: str) -> int:
         """Number of messages ready to be claimed. QueueNotFoundError if undeclared."""
@@ -436,19 +457,23 @@ class Backend(abc.ABC):
     async def _open_receiver(self, queue: str, prefetch: int) -> Receiver: ...
 
     @abc.abstractmethod
-    async def _ack(self, delivery: Delivery) -> None: ...
+    async def _ack(self, delivery: Delivery, state: StateUpdate | None = None) -> None: ...
 
     @abc.abstractmethod
-    async def _release(self, delivery: Delivery) -> None: ...
+    async def _release(self, delivery: Delivery, state: StateUpdate | None = None) -> None: ...
 
     @abc.abstractmethod
-    async def _retry(self, delivery: Delivery, message: OutgoingMessage, delay: float) -> None: ...
+    async def _retry(
+        self, delivery: Delivery, message: OutgoingMessage, delay: float, state: StateUpdate | None = None
+    ) -> None: ...
 
     @abc.abstractmethod
-    async def _dead_letter(self, delivery: Delivery, dead_letter_queue: str, message: OutgoingMessage) -> None: ...
+    async def _dead_letter(
+        self, delivery: Delivery, dead_letter_queue: str, message: OutgoingMessage, state: StateUpdate | None = None
+    ) -> None: ...
 
-    async def _extend(self, delivery: Delivery, seconds: float) -> None:
-        return None
+    async def _extend(self, delivery: Delivery, seconds: float) -> bool:
+        return False
 
     @abc.abstractmethod
     async def _count(self, queue: str) -> int: ...

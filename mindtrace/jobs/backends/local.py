@@ -21,6 +21,8 @@ from mindtrace.jobs.backends.base import (
 )
 from mindtrace.jobs.constants import MAX_PAYLOAD_BYTES
 from mindtrace.jobs.errors import QueueConflictError, QueueNotFoundError
+from mindtrace.jobs.lifecycle import StateUpdate
+from mindtrace.jobs.state.memory import MemoryStateStore
 
 # Heap entries sort by (-priority, sequence): higher priority first, FIFO among equals (a sequence number is
 # never repeated, so the body and id are never compared). The id is the job id the entry holds in its queue,
@@ -34,6 +36,8 @@ class _Queue:
     ready: list[_Entry] = field(default_factory=list)
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
     timers: set[asyncio.TimerHandle] = field(default_factory=set)
+    #: Jobs waiting for a retry delay, by id: the timer that makes each ready, and its entry.
+    delayed: dict[str, tuple[asyncio.TimerHandle, _Entry]] = field(default_factory=dict)
     #: Job ids the queue holds (ready, claimed, or waiting for a retry delay); a publish of one is a no-op.
     held: set[str] = field(default_factory=set)
     deleted: bool = False
@@ -114,6 +118,36 @@ class LocalClient(Backend):
         super().__init__(max_payload_bytes=max_payload_bytes)
         self._queues: dict[str, _Queue] = {}
         self._sequence = itertools.count()
+        self._state = MemoryStateStore(self)
+
+    def state_store(self) -> MemoryStateStore:
+        """This client's job records: in-process, written inside each publish and settle."""
+        return self._state
+
+    def _record(self, queue: str, state: StateUpdate | None) -> None:
+        if state is not None:
+            self._state.apply(queue, state)
+
+    def _take_out(self, queue: str, job_id: str) -> bool:
+        """Remove the queued (ready, or waiting for a retry delay) job ``job_id`` from ``queue``; whether it was
+        there. A claimed job is not touched."""
+        q = self._queues.get(queue)
+        if q is None or job_id not in q.held:
+            return False
+        delayed = q.delayed.pop(job_id, None)
+        if delayed is not None:
+            delayed[0].cancel()
+            q.timers.discard(delayed[0])
+            q.held.discard(job_id)
+            return True
+        for index, entry in enumerate(q.ready):
+            if entry[3] == job_id:
+                q.ready[index] = q.ready[-1]
+                q.ready.pop()
+                heapq.heapify(q.ready)
+                q.held.discard(job_id)
+                return True
+        return False
 
     @classmethod
     def from_url(cls, url: str = "memory://", **kwargs: Any) -> LocalClient:
@@ -156,6 +190,7 @@ class LocalClient(Backend):
         job_id = message.job_id
         if job_id not in q.held:  # a job the queue holds already is not queued twice (as on Redis)
             q.held.add(job_id)
+            self._record(queue, message.state)
             q.push((-message.priority, next(self._sequence), message.body, job_id))
 
     async def _publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
@@ -165,6 +200,7 @@ class LocalClient(Backend):
             job_id = message.job_id
             if job_id not in held:
                 held.add(job_id)
+                self._record(queue, message.state)
                 q.push((-message.priority, next(self._sequence), message.body, job_id))
 
     async def _open_receiver(self, queue: str, prefetch: int) -> Receiver:
@@ -178,19 +214,24 @@ class LocalClient(Backend):
         if job_id is not None:
             source.held.discard(job_id)
 
-    async def _ack(self, delivery: Delivery) -> None:
+    async def _ack(self, delivery: Delivery, state: StateUpdate | None = None) -> None:
+        self._record(delivery.queue, state)
         self._forget(delivery)
 
-    async def _release(self, delivery: Delivery) -> None:
+    async def _release(self, delivery: Delivery, state: StateUpdate | None = None) -> None:
         q = self._queues.get(delivery.queue)
         if q is not None:
+            self._record(delivery.queue, state)
             seq, job_id, _ = delivery.handle
             if job_id is not None:
                 q.held.add(job_id)
             q.push((-delivery.priority, seq, delivery.body, job_id))
 
-    async def _retry(self, delivery: Delivery, message: OutgoingMessage, delay: float) -> None:
+    async def _retry(
+        self, delivery: Delivery, message: OutgoingMessage, delay: float, state: StateUpdate | None = None
+    ) -> None:
         q = self._get_queue(delivery.queue)
+        self._record(delivery.queue, state)
         # The retry replaces the message under the id it was claimed with, as retry.lua does; it stays held.
         job_id = delivery.handle[1]
         if job_id is not None:
@@ -202,16 +243,23 @@ class LocalClient(Backend):
 
         def fire() -> None:
             q.timers.discard(timer)
+            if job_id is not None:
+                q.delayed.pop(job_id, None)
             if not q.deleted:
                 q.push(entry)
 
         timer = asyncio.get_running_loop().call_later(delay, fire)
         q.timers.add(timer)
+        if job_id is not None:
+            q.delayed[job_id] = (timer, entry)
 
-    async def _dead_letter(self, delivery: Delivery, dead_letter_queue: str, message: OutgoingMessage) -> None:
+    async def _dead_letter(
+        self, delivery: Delivery, dead_letter_queue: str, message: OutgoingMessage, state: StateUpdate | None = None
+    ) -> None:
         q = self._queues.get(dead_letter_queue)
         if q is None:
             q = self._queues[dead_letter_queue] = _Queue(self._get_queue(delivery.queue).options)
+        self._record(delivery.queue, state)
         self._forget(delivery)
         q.push((-message.priority, next(self._sequence), message.body, None))
 
@@ -221,14 +269,15 @@ class LocalClient(Backend):
     async def _purge(self, queue: str) -> int:
         q = self._get_queue(queue)
         removed = len(q.ready)
-        for entry in q.ready:
-            if entry[3] is not None:
-                q.held.discard(entry[3])
+        purged = [entry[3] for entry in q.ready if entry[3] is not None]
+        q.held.difference_update(purged)
         q.ready.clear()
+        self._state.forget(queue, purged)
         return removed
 
     async def _delete_queue(self, queue: str) -> None:
         q = self._queues.pop(queue, None)
+        await self._state.forget_queue(queue)
         if q is not None:
             q.deleted = True
             for timer in q.timers:

@@ -54,6 +54,7 @@ from mindtrace.jobs.errors import (
     QueueConflictError,
     QueueNotFoundError,
 )
+from mindtrace.jobs.lifecycle import StateUpdate
 
 logger = logging.getLogger("mindtrace.jobs")
 
@@ -386,7 +387,7 @@ class RabbitMQClient(Backend):
         if not _on_open_channel(message):
             raise LeaseLostError(queue=delivery.queue, job_id=_job_id(message), backend=self.describe())
 
-    async def _ack(self, delivery: Delivery) -> None:
+    async def _ack(self, delivery: Delivery, state: StateUpdate | None = None) -> None:
         try:
             self._check_held(delivery)
             # No operation_timeout here: basic.ack has no answer from the broker. aio-pika's ack() only waits
@@ -400,7 +401,7 @@ class RabbitMQClient(Backend):
         finally:
             await self._settled(delivery)
 
-    async def _release(self, delivery: Delivery) -> None:
+    async def _release(self, delivery: Delivery, state: StateUpdate | None = None) -> None:
         try:
             message = self._message(delivery)
             if _on_open_channel(message):  # else the closed channel gave it back already
@@ -414,7 +415,9 @@ class RabbitMQClient(Backend):
             await self._channels.timed(self._message(delivery).nack(requeue=True))
         await self._settled(delivery)
 
-    async def _retry(self, delivery: Delivery, message: OutgoingMessage, delay: float) -> None:
+    async def _retry(
+        self, delivery: Delivery, message: OutgoingMessage, delay: float, state: StateUpdate | None = None
+    ) -> None:
         self._check_held(delivery)
         try:
             if delay <= 0:
@@ -428,7 +431,9 @@ class RabbitMQClient(Backend):
             raise
         await self._ack(delivery)
 
-    async def _dead_letter(self, delivery: Delivery, dead_letter_queue: str, message: OutgoingMessage) -> None:
+    async def _dead_letter(
+        self, delivery: Delivery, dead_letter_queue: str, message: OutgoingMessage, state: StateUpdate | None = None
+    ) -> None:
         self._check_held(delivery)
         try:
             try:

@@ -52,6 +52,7 @@ from mindtrace.jobs.errors import (
     QueueConflictError,
     QueueNotFoundError,
 )
+from mindtrace.jobs.lifecycle import StateUpdate
 from mindtrace.jobs.wire import peek_job_id
 
 logger = logging.getLogger("mindtrace.jobs")
@@ -311,7 +312,7 @@ class RedisClient(Backend):
             visibility_timeout=self.visibility_timeout,
         )
 
-    async def _ack(self, delivery: Delivery) -> None:
+    async def _ack(self, delivery: Delivery, state: StateUpdate | None = None) -> None:
         self._held.discard(delivery)
         keys, lease = self._keys(delivery.queue), delivery.handle
         done = await self._connection.run(
@@ -322,7 +323,7 @@ class RedisClient(Backend):
         if done < 0:
             raise self._lease_lost(delivery)
 
-    async def _release(self, delivery: Delivery) -> None:
+    async def _release(self, delivery: Delivery, state: StateUpdate | None = None) -> None:
         # A lost lease needs nothing: the message is already back in the queue or held by someone else.
         self._held.discard(delivery)
         keys, lease = self._keys(delivery.queue), delivery.handle
@@ -332,7 +333,9 @@ class RedisClient(Backend):
             [lease.message_id, lease.token],
         )
 
-    async def _retry(self, delivery: Delivery, message: OutgoingMessage, delay: float) -> None:
+    async def _retry(
+        self, delivery: Delivery, message: OutgoingMessage, delay: float, state: StateUpdate | None = None
+    ) -> None:
         self._held.discard(delivery)
         keys, lease = self._keys(delivery.queue), delivery.handle
         done = await self._connection.run(
@@ -346,7 +349,9 @@ class RedisClient(Backend):
         if done < 0:
             raise self._lease_lost(delivery, message.job_id)
 
-    async def _dead_letter(self, delivery: Delivery, dead_letter_queue: str, message: OutgoingMessage) -> None:
+    async def _dead_letter(
+        self, delivery: Delivery, dead_letter_queue: str, message: OutgoingMessage, state: StateUpdate | None = None
+    ) -> None:
         self._held.discard(delivery)
         keys, dead, lease = self._keys(delivery.queue), self._keys(dead_letter_queue), delivery.handle
         done = await self._connection.run(
@@ -360,13 +365,14 @@ class RedisClient(Backend):
         if done < 0:
             raise self._lease_lost(delivery, message.job_id)
 
-    async def _extend(self, delivery: Delivery, seconds: float) -> None:
+    async def _extend(self, delivery: Delivery, seconds: float) -> bool:
         keys, lease = self._keys(delivery.queue), delivery.handle
         done = await self._connection.run(
             "extend", [keys.leases, keys.tokens], [lease.message_id, lease.token, math.ceil(seconds * 1000)]
         )
         if done < 0:
             raise self._lease_lost(delivery)
+        return False
 
     async def _count(self, queue: str) -> int:
         keys = self._keys(queue)
