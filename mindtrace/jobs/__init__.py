@@ -9,6 +9,7 @@ from mindtrace.jobs.backends import load_backend_class as _load_backend_class
 from mindtrace.jobs.backends.base import Backend, Capabilities, QueueOptions
 from mindtrace.jobs.backends.local import LocalClient
 from mindtrace.jobs.consumer import AsyncConsumer
+from mindtrace.jobs.context import JobContext, current_job
 from mindtrace.jobs.errors import (
     BackendError,
     BackendRefusedError,
@@ -18,7 +19,13 @@ from mindtrace.jobs.errors import (
     DecodeError,
     ForkError,
     InvalidQueueNameError,
+    JobCancelledError,
+    JobExpiredError,
+    JobFailedError,
+    JobNotFoundError,
+    JobOutcomeError,
     JobsError,
+    JobTimeoutError,
     JobValidationError,
     LeaseLostError,
     LoopThreadError,
@@ -28,12 +35,17 @@ from mindtrace.jobs.errors import (
     QueueConflictError,
     QueueError,
     QueueNotFoundError,
+    ResultTimeoutError,
+    ResultTooLargeError,
     UsageError,
     WrongEventLoopError,
 )
+from mindtrace.jobs.handle import AsyncJobHandle
+from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus, Progress
 from mindtrace.jobs.orchestrator import AsyncOrchestrator
 from mindtrace.jobs.policy import RetryPolicy
-from mindtrace.jobs.sync import Consumer, Orchestrator
+from mindtrace.jobs.state import StateCapabilities, StateStore
+from mindtrace.jobs.sync import Consumer, JobHandle, Orchestrator
 from mindtrace.jobs.types import QUEUE_MAPPING, Job, JobInput, JobOutput, JobSchema, JobType, job_from_schema
 from mindtrace.jobs.wire import UndecodableMessage
 
@@ -52,11 +64,13 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "QUEUE_MAPPING",
     "AsyncConsumer",
+    "AsyncJobHandle",
     "AsyncOrchestrator",
     "Backend",
     "BackendError",
     "BackendRefusedError",
     "BackendUnavailableError",
+    "CancelOutcome",
     "Capabilities",
     "ClosedError",
     "ConfigurationError",
@@ -65,9 +79,19 @@ __all__ = [
     "ForkError",
     "InvalidQueueNameError",
     "Job",
+    "JobCancelledError",
+    "JobContext",
+    "JobExpiredError",
+    "JobFailedError",
+    "JobHandle",
+    "JobInfo",
     "JobInput",
+    "JobNotFoundError",
+    "JobOutcomeError",
     "JobOutput",
     "JobSchema",
+    "JobStatus",
+    "JobTimeoutError",
     "JobType",
     "JobValidationError",
     "JobsError",
@@ -77,6 +101,7 @@ __all__ = [
     "MissingDependencyError",
     "Orchestrator",
     "PayloadTooLargeError",
+    "Progress",
     "PublishError",
     "QueueConflictError",
     "QueueError",
@@ -84,10 +109,15 @@ __all__ = [
     "QueueOptions",
     "RabbitMQClient",
     "RedisClient",
+    "ResultTimeoutError",
+    "ResultTooLargeError",
     "RetryPolicy",
+    "StateCapabilities",
+    "StateStore",
     "UndecodableMessage",
     "UsageError",
     "WrongEventLoopError",
+    "current_job",
     "from_url",
     "job_from_schema",
 ]

@@ -18,6 +18,9 @@ EXPECTED = {
     "PublishError", "QueueConflictError", "QueueError", "QueueNotFoundError", "QueueOptions", "RabbitMQClient",
     "RedisClient", "UndecodableMessage", "UsageError", "WrongEventLoopError", "from_url", "job_from_schema",
     "Capabilities", "RetryPolicy",
+    "AsyncJobHandle", "JobHandle", "JobStatus", "JobInfo", "CancelOutcome", "Progress", "JobContext", "current_job",
+    "StateStore", "StateCapabilities", "JobOutcomeError", "JobFailedError", "JobCancelledError", "JobExpiredError",
+    "JobNotFoundError", "ResultTimeoutError", "JobTimeoutError", "ResultTooLargeError",
 }  # fmt: skip
 
 
