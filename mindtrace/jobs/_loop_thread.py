@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextvars
+import functools
 import os
 import queue
 import sys
@@ -183,40 +185,93 @@ def _start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -
     return loop.create_task(coro)
 
 
+# States of one call submitted to a DaemonPool.
+_QUEUED, _RUNNING, _RETURNED, _DROPPED = range(4)
+
+
+class _Work:
+    """One call submitted to a DaemonPool, and where it stands (guarded by the pool's lock)."""
+
+    __slots__ = ("call", "future", "state")
+
+    def __init__(self, call: Callable[[], Any], future: asyncio.Future[Any]) -> None:
+        self.call = call
+        self.future = future
+        self.state = _QUEUED
+
+
 class DaemonPool:
     """A bounded pool of daemon threads for users' blocking ``run``: never joined at exit, never the loop.
 
     ``concurrent.futures.ThreadPoolExecutor`` joins its threads at interpreter exit, so one job stuck in user
     code would hang a script after Ctrl-C; these threads die with the process instead.
+
+    The bound is on threads free to take work: when the caller stops waiting for a call (cancels its future)
+    while a thread runs it, that thread is abandoned (a thread cannot be interrupted: it ends once the call
+    returns, its result dropped) and a new one takes its place, so a stuck call never leaves the pool short.
     """
 
     def __init__(self, size: int, name: str) -> None:
-        self._work: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None] = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._main, name=f"{name}-{i}", daemon=True) for i in range(size)]
-        for thread in self._threads:
-            thread.start()
+        self._name = name
+        self._size = size
+        self._started = 0
+        self._closed = False
+        self._lock = threading.Lock()
+        self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        for _ in range(size):
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        thread = threading.Thread(target=self._main, name=f"{self._name}-{self._started}", daemon=True)
+        self._started += 1
+        thread.start()
 
     def _main(self) -> None:
-        while (item := self._work.get()) is not None:
-            call, future = item
-            if future.cancelled():
-                continue
+        while (work := self._work.get()) is not None:
+            with self._lock:
+                if work.state != _QUEUED:  # its caller stopped waiting before it started
+                    continue
+                work.state = _RUNNING
+            ok = True
             try:
-                result = call()
+                outcome = work.call()
             except BaseException as exc:
-                future.get_loop().call_soon_threadsafe(_set_exception, future, exc)
-            else:
-                future.get_loop().call_soon_threadsafe(_set_result, future, result)
+                ok, outcome = False, exc
+            with self._lock:
+                abandoned = work.state == _DROPPED
+                work.state = _RETURNED
+            if abandoned:
+                return  # another thread took this one's place when the caller stopped waiting
+            setter = _set_result if ok else _set_exception
+            work.future.get_loop().call_soon_threadsafe(setter, work.future, outcome)
 
     def submit(self, call: Callable[[], T]) -> asyncio.Future[T]:
-        """Run ``call`` on a pool thread; the returned future (of the running loop) gets its outcome."""
+        """Run ``call`` on a pool thread, in a copy of the caller's context (its context variables, as
+        ``asyncio.to_thread`` does); the returned future (of the running loop) gets its outcome. Cancelling
+        the future abandons the call if it is running (see the class docstring)."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._work.put((call, future))
+        work = _Work(functools.partial(contextvars.copy_context().run, call), future)
+        future.add_done_callback(functools.partial(self._done, work))
+        self._work.put(work)
         return future
+
+    def _done(self, work: _Work, future: asyncio.Future[Any]) -> None:
+        """On the loop: a cancelled future drops its call; if a thread runs it, a new thread replaces it."""
+        if not future.cancelled():
+            return
+        with self._lock:
+            running = work.state == _RUNNING
+            if work.state in (_QUEUED, _RUNNING):
+                work.state = _DROPPED
+            replace = running and not self._closed
+        if replace:
+            self._start_thread()
 
     def shutdown(self) -> None:
         """Let the threads finish their current call and end; does not wait for them."""
-        for _ in self._threads:
+        with self._lock:
+            self._closed = True
+        for _ in range(self._size):
             self._work.put(None)
 
 

@@ -76,3 +76,10 @@ RESULT_TTL: Final = 3600.0
 
 #: Largest encoded output of one run kept as its result (1 MiB); larger raise ResultTooLargeError.
 MAX_RESULT_BYTES: Final = 1024 * 1024
+
+#: Seconds a run that a cancel, its time limit or a shutdown cancelled gets to end before it is abandoned (its
+#: job settled, its slot given to the next job, the run left to finish unwatched), and logged.
+ABANDON_GRACE: Final = 1.0
+
+#: Seconds between two writes of one running job's progress to its record (reports in between are coalesced).
+PROGRESS_INTERVAL: Final = 1.0

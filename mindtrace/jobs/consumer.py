@@ -1,31 +1,48 @@
-"""AsyncConsumer: claim jobs, run them, ack, retry with backoff, dead-letter, and keep leases alive."""
+"""AsyncConsumer: claim jobs, run each with its context, time limit and cancels, settle, keep leases alive."""
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import logging
 import os
 import socket
 import sys
-from typing import Any
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from mindtrace.jobs.backends.base import Delivery, Receiver, dead_letter_queue_name, validate_queue_name
-from mindtrace.jobs.constants import CLOSE_GRACE
+from mindtrace.jobs.constants import ABANDON_GRACE, CLOSE_GRACE, PROGRESS_INTERVAL
+from mindtrace.jobs.context import JobContext, current_job, reset_current, set_current
 from mindtrace.jobs.errors import (
     BackendError,
     BackendRefusedError,
     BackendUnavailableError,
     ConfigurationError,
     DecodeError,
+    JobTimeoutError,
     JobValidationError,
     QueueError,
     QueueNotFoundError,
     ResultTooLargeError,
     UsageError,
 )
+from mindtrace.jobs.lifecycle import JobStatus, Progress
 from mindtrace.jobs.orchestrator import AsyncOrchestrator
-from mindtrace.jobs.policy import Action, Outcome, RetryPolicy, after_run, before_run, release, undecodable
+from mindtrace.jobs.policy import (
+    Action,
+    Outcome,
+    RetryPolicy,
+    after_run,
+    before_run,
+    cancelled,
+    check_time_limit,
+    duplicate,
+    release,
+    undecodable,
+)
 from mindtrace.jobs.types import Job, JobOutput, validate_as
 from mindtrace.jobs.wire import UntypedOutput
 
@@ -55,6 +72,45 @@ class _Budget:
             self.left += 1
 
 
+@dataclass(eq=False)
+class _Run:
+    """One job this consumer decided to run, from then until it is settled."""
+
+    delivery: Delivery
+    job: Job
+    context: JobContext
+    worker: asyncio.Task[None]
+    limit: float | None
+    #: What a cancellation cancels while run() is under way: the worker itself (run() awaited in it) or the
+    #: run's own task (an async run with a time limit, which can be abandoned); None outside run().
+    task: asyncio.Task[Any] | None = None
+    #: Done when the run's own task ends or is abandoned (runs with a task of their own only).
+    finished: asyncio.Future[None] | None = None
+    sent: int = 0  # cancellations sent to ``task``
+    evicted: bool = False  # shutdown() cut it short after its grace
+    abandoned: bool = False
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)
+
+    def why(self) -> str:
+        """Why this consumer cancelled the run, for the log."""
+        if self.context.cancelled:
+            return "cancelled"
+        if self.context.timed_out:
+            return f"over its time limit of {self.limit}s"
+        return "shutting down" if self.evicted else "consume() cancelled"
+
+
+def _resolve(future: asyncio.Future[None], _: object) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Done callback of an abandoned run: its outcome is read (nobody else will) and dropped."""
+    if not task.cancelled():
+        task.exception()
+
+
 class AsyncConsumer(abc.ABC):
     """Base class of an asyncio worker: subclass it, implement ``async run(job)``, then ``consume()``.
 
@@ -68,12 +124,26 @@ class AsyncConsumer(abc.ABC):
     that is not a job goes to the dead-letter queue at once. ``run``'s return value, when not None, must
     validate against the schema's output type. A dead-letter queue cannot be consumed (QueueError): its
     failed jobs would be dead-lettered back into it.
+
+    Inside ``run``, ``self.context`` (or :func:`current_job`) is the running job's :class:`JobContext`, one
+    per running job. ``timeout`` (seconds; a job's own ``timeout`` replaces it) limits each run: a run over it
+    is recorded as failed with JobTimeoutError (retried, then dead-lettered) and its slot goes to the next job
+    at once: an async ``run`` is cancelled, and abandoned (logged) if it does not end within a second; a
+    blocking ``run`` of the sync Consumer cannot be interrupted and is abandoned in its thread. A cancel of a
+    running job cancels an async ``run`` (a blocking one sees ``context.cancelled``); a job cancelled before or
+    while it runs ends CANCELLED, never retried or dead-lettered. A job past its ``expires_at`` is settled as
+    EXPIRED without running. A redelivered job whose record already says SUCCEEDED is acked without running.
     """
+
+    #: Whether ``run`` blocks a thread (the sync Consumer): a cancel then only sets ``context.cancelled`` (a
+    #: thread cannot be interrupted), and a run over its time limit is abandoned in its thread.
+    _blocking_run: ClassVar[bool] = False
 
     def __init__(
         self,
         job_type_name: str,
         *,
+        timeout: float | None = None,
         retry_policy: RetryPolicy | None = None,
         max_retries: int | None = None,
         retry_delay: float | None = None,
@@ -87,6 +157,8 @@ class AsyncConsumer(abc.ABC):
             retry_backoff=retry_backoff,
             max_retry_delay=max_retry_delay,
         )
+        #: Seconds each run may take (None: no limit); a job's own ``timeout`` replaces it.
+        self.timeout = check_time_limit(timeout, "timeout")
         if dead_letter_queue_name(validate_queue_name(job_type_name)) == job_type_name:
             raise QueueError(
                 f"{job_type_name!r} is a dead-letter queue: a consumer of it would dead-letter failed jobs back "
@@ -99,8 +171,7 @@ class AsyncConsumer(abc.ABC):
         self._idle: set[asyncio.Task[Any]] = set()  # workers waiting for a message, which stop() cancels
         self._workers: set[asyncio.Task[None]] = set()  # the workers of every consume() call running
         self._consuming: set[asyncio.Future[None]] = set()  # one per consume() call running, done when it ends
-        self._running: dict[Delivery, asyncio.Task[None]] = {}  # jobs inside run(), by the worker running them
-        self._evicted: set[asyncio.Task[None]] = set()  # workers shutdown() cancelled: they end quietly
+        self._running: dict[Delivery, _Run] = {}  # jobs decided to run, until settled: leases, cancels, shutdown
         #: Who runs the jobs, as recorded in their records: host, process id and this consumer.
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
 
@@ -130,50 +201,69 @@ class AsyncConsumer(abc.ABC):
         """Whether a ``consume()`` call of this consumer is running."""
         return bool(self._consuming)
 
+    @property
+    def context(self) -> JobContext:
+        """The context of the job running in the calling task (an async ``run``) or thread (a blocking
+        ``run``): job id, attempt, deadline, cancelled, timed out, shutting down, ``report_progress``. One per
+        running job: with ``concurrency`` > 1, each run sees its own. UsageError outside ``run``."""
+        try:
+            return current_job()
+        except UsageError:
+            raise UsageError(f"{type(self).__name__}.context is only available inside run()") from None
+
     def stop(self) -> None:
         """Ask ``consume()`` to return: no new job is claimed, jobs already running finish and are settled.
 
-        Call it on the consumer's event loop (from ``run`` or another task).
+        Every running job's ``context.shutting_down`` becomes True. Call it on the consumer's event loop (from
+        ``run`` or another task).
         """
         self._stopping = True
+        for run in self._running.values():
+            run.context.mark_shutting_down()
         for task in list(self._idle):
             task.cancel()
 
     async def shutdown(self, grace: float = CLOSE_GRACE) -> tuple[int, int]:
         """Stop every running ``consume()`` and wait until each has returned.
 
-        No new job is claimed; jobs running get ``grace`` seconds to finish and be settled; those still
-        running then are cancelled and given back to their queue uncharged (their ``run`` is cancelled; a
-        blocking ``run`` of the sync Consumer finishes in its thread, unheard). Returns
+        No new job is claimed and every running job's ``context.shutting_down`` is set; jobs running get
+        ``grace`` seconds to finish and be settled; those still running then are cancelled and given back to
+        their queue uncharged (an async ``run`` is cancelled, and abandoned if it does not end within a
+        second; a blocking ``run`` of the sync Consumer finishes in its thread, unheard). Returns
         ``(settled, given_back)``: how many running jobs finished within the grace period, and how many
-        were given back. The orchestrator's ``close()`` calls it for every consumer connected to it.
+        were cut short. The orchestrator's ``close()`` calls it for every consumer connected to it.
         """
         if not grace >= 0:
             raise ConfigurationError(f"grace must be a number of seconds >= 0, not {grace}")
         me = asyncio.current_task()
-        was_running = sum(task is not me for task in self._running.values())
+        # A run that closes its own orchestrator is neither waited for nor cut short.
+        own = {run.worker for run in self._running.values() if me is run.worker or me is run.task}
+        was_running = sum(run.worker not in own for run in self._running.values())
         self.stop()
         given_back = 0
         try:
-            workers = self._workers - {me}  # a run that closes its own orchestrator is not waited for
+            workers = self._workers - own - {me}
             if workers:
                 await asyncio.wait(workers, timeout=grace)
         finally:
-            for task in set(self._running.values()) - {me}:
-                self._evicted.add(task)
-                task.cancel()
-                given_back += 1
+            for run in list(self._running.values()):
+                if run.worker not in own:
+                    run.evicted = True
+                    self._interrupt(run)
+                    given_back += 1
             if self._consuming:
                 await asyncio.wait(set(self._consuming))
-        return was_running - given_back, given_back
+        return max(0, was_running - given_back), given_back
 
     async def consume(self, num_messages: int | None = None, concurrency: int = 1) -> int:
         """Process jobs from the queue until ``num_messages`` jobs were handled (None: until ``stop()``).
 
-        A job is handled when a run of it ended (acked, retried or dead-lettered) or a rule dead-lettered it
-        unrun (undecodable, over its budget of lost runs); a message handed back to the queue unrun (a
-        recorded redelivery) is not. ``concurrency`` jobs run at once. Returns how many jobs were handled.
-        Cancelling this call gives every claimed, unfinished job back to its queue.
+        A job is handled when a run of it ended (acked, retried or dead-lettered), or it was settled unrun
+        by a rule: dead-lettered (undecodable, over its budget of lost runs), cancelled, expired, or a
+        redelivery of a job that had succeeded; a message handed back to the queue unrun (a recorded
+        redelivery) is not. ``concurrency`` jobs run at once. Returns how many jobs were handled. Cancelling
+        this call gives every claimed, unfinished job back to its queue. While it runs, cancels of the queue's
+        jobs are heard and running jobs' progress is written to their records (about once a second).
         """
         if num_messages is not None and num_messages < 0:
             raise ConfigurationError(f"num_messages must be >= 0 or None, not {num_messages}")
@@ -183,25 +273,32 @@ class AsyncConsumer(abc.ABC):
         self._stopping = False
         budget = _Budget(num_messages)
         lease = orchestrator.backend.capabilities.lease_timeout
+        records = orchestrator.records
         finished = asyncio.get_running_loop().create_future()
         self._consuming.add(finished)
         try:
-            async with await orchestrator.open_receiver(self.queue_name, prefetch=concurrency) as receiver:
-                workers = [asyncio.create_task(self._work(receiver, budget)) for _ in range(concurrency)]
-                self._workers.update(workers)
-                # One task renews every running job's lease, rather than one task per job.
-                keeper = None if lease is None else asyncio.create_task(self._keep_leases(lease))
-                try:
-                    await asyncio.gather(*workers)
-                finally:
-                    for worker in workers:
-                        worker.cancel()
-                    await asyncio.gather(*workers, return_exceptions=True)
-                    self._workers.difference_update(workers)
-                    self._evicted.difference_update(workers)
-                    if keeper is not None:
-                        keeper.cancel()
-                        await asyncio.gather(keeper, return_exceptions=True)
+            listener = await orchestrator.state.listen_cancels(self.queue_name, self._heard_cancel) if records else None
+            try:
+                async with await orchestrator.open_receiver(self.queue_name, prefetch=concurrency) as receiver:
+                    workers = [asyncio.create_task(self._work(receiver, budget)) for _ in range(concurrency)]
+                    self._workers.update(workers)
+                    # One task renews every running job's lease, one writes their progress: not one per job.
+                    helpers = [] if lease is None else [asyncio.create_task(self._keep_leases(lease))]
+                    if records:
+                        helpers.append(asyncio.create_task(self._flush_progress()))
+                    try:
+                        await asyncio.gather(*workers)
+                    finally:
+                        for worker in workers:
+                            worker.cancel()
+                        await asyncio.gather(*workers, return_exceptions=True)
+                        self._workers.difference_update(workers)
+                        for helper in helpers:
+                            helper.cancel()
+                        await asyncio.gather(*helpers, return_exceptions=True)
+            finally:
+                if listener is not None:
+                    await listener.close()
         finally:
             self._consuming.discard(finished)
             finished.set_result(None)
@@ -239,23 +336,10 @@ class AsyncConsumer(abc.ABC):
                 budget.give_back()
                 continue
             delay = _RECONNECT_DELAY
-            try:
-                handled = await self._handle(delivery, worker)
-            except asyncio.CancelledError:
-                if not self._was_evicted():
-                    raise
-                return
-            if handled:
+            if await self._handle(delivery, worker):
                 budget.handled += 1
             else:
                 budget.give_back()
-
-    def _was_evicted(self) -> bool:
-        """In a worker that caught CancelledError: whether only shutdown() cancelled it (it then ends quietly)."""
-        worker = asyncio.current_task()
-        if worker not in self._evicted:
-            return False
-        return not (sys.version_info >= (3, 11) and worker is not None and worker.uncancel() > 0)
 
     async def _declare_lost_queue(self, delay: float) -> None:
         """The broker lost the queue under this consumer (deleted elsewhere, or a broker restart without
@@ -295,26 +379,247 @@ class AsyncConsumer(abc.ABC):
         except DecodeError as exc:
             outcome = undecodable(exc)
         else:
-            counted = orchestrator.backend.capabilities.counted_deliveries
-            outcome = before_run(job, delivery.delivery_count, self.retry_policy, counted_deliveries=counted)
+            outcome = await self._before_run(delivery, job)
             if outcome.action is Action.RUN:
-                self._running[delivery] = worker  # its lease is renewed; shutdown() may cut it short
-                try:
-                    await orchestrator.record_started(delivery.queue, job, self.worker_id)
-                    result = await self.run(job)
-                    output = self._check_output(job, result, orchestrator.max_result_bytes, delivery.queue)
-                except Exception as exc:
-                    outcome = after_run(job, exc, self.retry_policy)
-                except BaseException:
-                    # Cancelled (or interrupted) mid-job: the job goes back to its queue, whatever happens next.
-                    await asyncio.shield(self._settle(delivery, release(job)))
-                    raise
-                else:
-                    outcome = after_run(job, None, self.retry_policy)._replace(output=output)
-                finally:
-                    self._running.pop(delivery, None)
+                outcome = await self._execute(delivery, job, worker)
         await self._settle(delivery, outcome)
         return outcome.counts
+
+    async def _before_run(self, delivery: Delivery, job: Job) -> Outcome:
+        """RUN, or settle unrun: a duplicate of a job that succeeded, an expired job, a lost run recorded."""
+        orchestrator = self.orchestrator
+        # Only a redelivery can be a duplicate (an ack lost after a store not written with the settle recorded
+        # the success): the normal path pays no lookup.
+        if delivery.delivery_count > 1 and orchestrator.records and await self._succeeded_before(delivery, job):
+            logger.info(
+                "job %s from %r was redelivered after it succeeded (its ack was lost): acked unrun",
+                job.id,
+                delivery.queue,
+            )
+            return duplicate(job)
+        counted = orchestrator.backend.capabilities.counted_deliveries
+        outcome = before_run(job, delivery.delivery_count, self.retry_policy, counted_deliveries=counted)
+        if outcome.status is JobStatus.EXPIRED:
+            logger.info("job %s from %r %s: settled as expired", job.id, delivery.queue, outcome.reason)
+        return outcome
+
+    async def _succeeded_before(self, delivery: Delivery, job: Job) -> bool:
+        try:
+            info = await self.orchestrator.state.info(delivery.queue, job.id)
+        except BackendError as exc:
+            logger.warning(
+                "could not read the record of redelivered job %s from %r (running it): %s", job.id, delivery.queue, exc
+            )
+            return False
+        return info.status is JobStatus.SUCCEEDED
+
+    async def _execute(self, delivery: Delivery, job: Job, worker: asyncio.Task[None]) -> Outcome:
+        """Run ``job`` with its context, unless a cancel of it is already known; the outcome to settle."""
+        orchestrator = self.orchestrator
+        limit = job.timeout if job.timeout is not None else self.timeout
+        context = JobContext(
+            job.id, delivery.queue, job.attempts + 1, self.worker_id, None if limit is None else time.time() + limit
+        )
+        if self._stopping:
+            context.mark_shutting_down()
+        run = _Run(delivery, job, context, worker, limit)
+        # From here its lease is renewed, a cancel of it is heard, and shutdown() may cut it short.
+        self._running[delivery] = run
+        try:
+            # RUNNING is recorded before the cancel check: a cancel that comes after the check then finds the
+            # job running and reaches this consumer (one that came before is in the record the check reads).
+            await self._record_started(run)
+            if orchestrator.records and not context.cancelled:
+                await self._check_cancelled(run)
+            if context.cancelled:
+                logger.info("job %s from %r was cancelled before it started: settled unrun", job.id, delivery.queue)
+                return cancelled(job, context.cancel_reason)
+            if run.evicted:
+                return release(job)
+            error, result, returned = await self._run(run)
+        except BaseException:
+            # Cancelled (or interrupted) mid-job: the job goes back to its queue (or ends CANCELLED when a cancel
+            # of it arrived), whatever happens next.
+            outcome = cancelled(job, context.cancel_reason) if context.cancelled else release(job)
+            await asyncio.shield(self._settle(delivery, outcome))
+            raise
+        finally:
+            self._running.pop(delivery, None)
+        outcome = self._after_run(run, error, result, returned)
+        progress = context.take_progress()
+        if progress is not None:  # the last report, while the record still says RUNNING
+            await self._write_progress(run, progress)
+        return outcome
+
+    async def _record_started(self, run: _Run) -> None:
+        try:
+            await self.orchestrator.record_started(run.delivery.queue, run.job, self.worker_id)
+        except BackendError as exc:
+            logger.warning(
+                "could not record job %s from %r as running (running it anyway): %s",
+                run.job.id,
+                run.delivery.queue,
+                exc,
+            )
+
+    async def _check_cancelled(self, run: _Run) -> None:
+        try:
+            reason = await self.orchestrator.state.cancel_requested(run.delivery.queue, run.job.id)
+        except BackendError as exc:
+            logger.warning(
+                "could not check for a cancel of job %s from %r (running it): %s", run.job.id, run.delivery.queue, exc
+            )
+            return
+        if reason is not None:
+            self._cancel(run, reason or None)
+
+    async def _run(self, run: _Run) -> tuple[BaseException | None, Any, bool]:
+        """Call ``run`` with the job's context current, under its time limit: (error, result, returned)."""
+        token = set_current(run.context)
+        try:
+            if run.limit is not None:
+                run.timers.append(asyncio.get_running_loop().call_later(run.limit, self._time_out, run))
+            # Awaited in the worker itself (no task per job) unless an async run has a time limit: only a task of
+            # its own can be abandoned when it does not end once cancelled. A blocking run's wait always ends.
+            if run.limit is None or self._blocking_run:
+                return await self._run_inline(run)
+            return await self._run_in_task(run)
+        finally:
+            reset_current(token)
+            for timer in run.timers:
+                timer.cancel()
+
+    async def _run_inline(self, run: _Run) -> tuple[BaseException | None, Any, bool]:
+        worker = run.worker
+        error: BaseException | None = None
+        result: Any = None
+        run.task = worker  # a cancellation from here lands inside run()
+        try:
+            result = await self.run(run.job)
+        except asyncio.CancelledError as exc:
+            error = exc
+        except Exception as exc:
+            error = exc
+        finally:
+            run.task = None
+        sent, run.sent = run.sent, 0
+        if sys.version_info >= (3, 11):
+            for _ in range(sent):  # take back this consumer's own cancellations; any other one is consume()'s
+                worker.uncancel()
+            external = worker.cancelling() > 0
+        else:
+            external = False
+        if external or (isinstance(error, asyncio.CancelledError) and not sent):
+            raise error if isinstance(error, asyncio.CancelledError) else asyncio.CancelledError()
+        return error, result, error is None
+
+    async def _run_in_task(self, run: _Run) -> tuple[BaseException | None, Any, bool]:
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self.run(run.job))  # copies this context: the job's context is current there
+        finished: asyncio.Future[None] = loop.create_future()
+        run.task, run.finished = task, finished
+        task.add_done_callback(functools.partial(_resolve, finished))
+        try:
+            await finished
+        except asyncio.CancelledError:
+            # consume() is cancelled: the run is too, and waited for (abandoned after the grace).
+            self._interrupt(run)
+            await asyncio.shield(finished)
+            raise
+        if run.abandoned:
+            return None, None, False
+        if task.cancelled():
+            return asyncio.CancelledError(), None, False
+        error = task.exception()
+        return error, None if error is not None else task.result(), error is None
+
+    def _after_run(self, run: _Run, error: BaseException | None, result: Any, returned: bool) -> Outcome:
+        """The outcome of a run that ended (or was abandoned): a cancel wins, then the time limit."""
+        job, context, policy = run.job, run.context, self.retry_policy
+        if context.cancelled:
+            return cancelled(job, context.cancel_reason)
+        if context.timed_out:
+            limit = run.limit or 0.0
+            return after_run(job, JobTimeoutError(job_id=job.id, queue=run.delivery.queue, limit=limit), policy)
+        if not returned:
+            if run.evicted:
+                return release(job)
+            if not isinstance(error, Exception):  # its own task was cancelled, by nothing this consumer did
+                error = RuntimeError("run() was cancelled, not by a cancel, a time limit or a shutdown")
+            return after_run(job, error, policy)
+        try:
+            output = self._check_output(job, result, self.orchestrator.max_result_bytes, run.delivery.queue)
+        except Exception as exc:
+            return after_run(job, exc, policy)
+        return after_run(job, None, policy)._replace(output=output)
+
+    # -- cancels, time limits, abandonment (callbacks on the loop) -----------------------------------------
+
+    def _heard_cancel(self, job_id: str, reason: str | None) -> None:
+        """The state store's callback: a cancel of a job of this queue arrived."""
+        for run in list(self._running.values()):
+            if run.job.id == job_id:
+                self._cancel(run, reason)
+
+    def _cancel(self, run: _Run, reason: str | None) -> None:
+        if not run.context.mark_cancelled(reason):
+            return
+        if run.task is not None:
+            logger.info(
+                "job %s from %r was cancelled while running%s",
+                run.job.id,
+                run.delivery.queue,
+                f": {reason}" if reason else "",
+            )
+        if not self._blocking_run:
+            self._interrupt(run)
+
+    def _time_out(self, run: _Run) -> None:
+        run.context.mark_timed_out()
+        if self._blocking_run:
+            logger.warning(
+                "job %s from %r ran over its time limit of %ss: recorded as failed; its blocking run() cannot be "
+                "interrupted and is abandoned in its thread (its lease is no longer renewed; a new thread takes "
+                "its slot). Run such jobs in a child process to be able to stop them",
+                run.job.id,
+                run.delivery.queue,
+                run.limit,
+            )
+        else:
+            logger.warning(
+                "job %s from %r ran over its time limit of %ss: run() cancelled, recorded as failed",
+                run.job.id,
+                run.delivery.queue,
+                run.limit,
+            )
+        self._interrupt(run)
+
+    def _interrupt(self, run: _Run) -> None:
+        """Cancel ``run``'s run() if it is under way (one not started yet is checked before it starts); a run
+        with a task of its own that does not end within ABANDON_GRACE seconds is then abandoned."""
+        task = run.task
+        if task is None or task.done():
+            return
+        run.sent += 1
+        task.cancel()
+        if run.finished is not None and run.sent == 1:
+            run.timers.append(asyncio.get_running_loop().call_later(ABANDON_GRACE, self._abandon, run))
+
+    def _abandon(self, run: _Run) -> None:
+        task, finished = run.task, run.finished
+        if task is None or finished is None or task.done() or finished.done():
+            return
+        run.abandoned = True
+        logger.warning(
+            "run() of job %s from %r did not end within %.1fs of being cancelled (%s): abandoned, it goes on "
+            "unwatched and its job is settled",
+            run.job.id,
+            run.delivery.queue,
+            ABANDON_GRACE,
+            run.why(),
+        )
+        task.add_done_callback(_retrieve)
+        finished.set_result(None)
 
     async def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
         try:
@@ -361,6 +666,26 @@ class AsyncConsumer(abc.ABC):
         backend = self.orchestrator.backend
         if delivery in self._running:
             try:
-                await backend.extend(delivery, lease)
+                cancel = await backend.extend(delivery, lease)
             except BackendError as exc:
                 logger.warning("could not extend the lease of a job from %r: %s", delivery.queue, exc)
+                return
+            run = self._running.get(delivery)
+            if cancel and run is not None:  # the fallback for a cancel signal this consumer missed
+                self._cancel(run, None)
+
+    async def _flush_progress(self) -> None:
+        """Every PROGRESS_INTERVAL s, write the progress each running job reported since the last round (the
+        latest report only): at most about one write a second per job, however often ``run`` reports."""
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL)
+            reports = [(run, run.context.take_progress()) for run in list(self._running.values())]
+            writes = [self._write_progress(run, progress) for run, progress in reports if progress is not None]
+            if writes:
+                await asyncio.gather(*writes)
+
+    async def _write_progress(self, run: _Run, progress: Progress) -> None:
+        try:
+            await self.orchestrator.record_progress(run.delivery.queue, run.job.id, progress)
+        except BackendError as exc:
+            logger.warning("could not record the progress of job %s from %r: %s", run.job.id, run.delivery.queue, exc)

@@ -36,9 +36,11 @@ class JobContext:
     worker: str
     deadline: float | None = None
     cancel_reason: str | None = None
-    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
-    _timed_out: threading.Event = field(default_factory=threading.Event, repr=False)
-    _shutting_down: threading.Event = field(default_factory=threading.Event, repr=False)
+    # Plain flags: set once by the consumer on the loop, read from the run's thread (a bool read or write is
+    # atomic in CPython); a context is made per job, so it stays cheap to make.
+    _cancelled: bool = field(default=False, repr=False)
+    _timed_out: bool = field(default=False, repr=False)
+    _shutting_down: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _progress: Progress | None = field(default=None, repr=False)
     _progress_dirty: bool = field(default=False, repr=False)
@@ -46,17 +48,17 @@ class JobContext:
     @property
     def cancelled(self) -> bool:
         """Whether a cancel of this job arrived."""
-        return self._cancelled.is_set()
+        return self._cancelled
 
     @property
     def timed_out(self) -> bool:
         """Whether this run went over its time limit."""
-        return self._timed_out.is_set()
+        return self._timed_out
 
     @property
     def shutting_down(self) -> bool:
         """Whether the consumer running this job is shutting down."""
-        return self._shutting_down.is_set()
+        return self._shutting_down
 
     @property
     def should_stop(self) -> bool:
@@ -88,6 +90,23 @@ class JobContext:
         with self._lock:
             self._progress = Progress(None if fraction is None else float(fraction), dict(values))
             self._progress_dirty = True
+
+    def mark_cancelled(self, reason: str | None) -> bool:
+        """For the consumer: a cancel of this job arrived (with ``reason``); whether it is the first."""
+        with self._lock:
+            if self._cancelled:
+                return False
+            self.cancel_reason = reason
+            self._cancelled = True
+            return True
+
+    def mark_timed_out(self) -> None:
+        """For the consumer: this run went over its time limit."""
+        self._timed_out = True
+
+    def mark_shutting_down(self) -> None:
+        """For the consumer: the consumer running this job is stopping."""
+        self._shutting_down = True
 
     def take_progress(self) -> Progress | None:
         """For the consumer: the progress reported since the last call, or None."""

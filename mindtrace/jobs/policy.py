@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import time
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -94,7 +95,9 @@ class Outcome(NamedTuple):
     to the decision is never modified. ``delay`` (seconds) and ``resumes`` (see ``OutgoingMessage``) apply to
     RETRY; ``reason`` says why, for the log (and is the cancel reason of a CANCELLED job). For ACK, ``status``
     is the terminal status recorded (None: SUCCEEDED; CANCELLED, EXPIRED; UNKNOWN: the record is forgotten,
-    the job handed out) and ``output`` the JSON text of the validated output.
+    the job handed out) and ``output`` the JSON text of the validated output. ``record`` False settles the
+    message without writing the job's record, which already says how it ended (a duplicate of a job that
+    succeeded).
     """
 
     action: Action
@@ -104,6 +107,7 @@ class Outcome(NamedTuple):
     reason: str = ""
     status: JobStatus | None = None
     output: str | None = None
+    record: bool = True
 
     @property
     def counts(self) -> bool:
@@ -131,15 +135,49 @@ def plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def before_run(job: Job, delivery_count: int, policy: RetryPolicy, *, counted_deliveries: bool) -> Outcome:
+def check_time_limit(value: object, option: str) -> float | None:
+    """``value`` as a time limit in seconds (None: no limit); ConfigurationError naming ``option`` unless it is
+    a finite number > 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigurationError(f"{option} must be None or a finite number of seconds > 0, not {value!r}")
+    return float(value)
+
+
+def expired(job: Job, now: float | None = None) -> bool:
+    """Whether ``job`` is past its "do not start after" time (``expires_at``) at ``now`` (Unix seconds)."""
+    return job.expires_at is not None and (time.time() if now is None else now) >= job.expires_at.timestamp()
+
+
+def cancelled(job: Job, reason: str | None) -> Outcome:
+    """A job whose cancel arrived before or during its run: acked as CANCELLED (never retried or
+    dead-lettered, no result kept), whatever its run did."""
+    return Outcome(Action.ACK, job, reason=reason or "", status=JobStatus.CANCELLED)
+
+
+def duplicate(job: Job) -> Outcome:
+    """A redelivered job whose record already says SUCCEEDED (the ack of its run was lost): acked unrun,
+    its record left as it is."""
+    return Outcome(Action.ACK, job, reason="already succeeded: a redelivery of a run whose ack was lost", record=False)
+
+
+def before_run(
+    job: Job, delivery_count: int, policy: RetryPolicy, *, counted_deliveries: bool, now: float | None = None
+) -> Outcome:
     """RUN ``job``, delivered ``delivery_count`` times, or settle it first.
 
+    A job past its ``expires_at`` (at ``now``, Unix seconds; default: the clock) is acked as EXPIRED, unrun.
     On a broker that only flags redeliveries (``counted_deliveries`` False) a redelivered job's lost run is
     recorded on the job (``attempts + 1``) and the job handed back ahead of its priority (RETRY, resumes),
     or dead-lettered when that is over the budget. Where deliveries are counted, failed runs plus runs
     that never settled over ``max_retries`` dead-letter it (a poison job: its runs kill or stall the
     consumer).
     """
+    if job.expires_at is not None and expired(job, now):
+        return Outcome(
+            Action.ACK, job, reason=f"expired at {job.expires_at.isoformat()}, not started", status=JobStatus.EXPIRED
+        )
     if delivery_count > 1 and not counted_deliveries:
         recorded = _charged(job, job.attempts + 1, REDELIVERED_ERROR)
         if recorded.attempts > policy.max_retries:

@@ -13,6 +13,7 @@ from mindtrace.jobs._loop_thread import DaemonPool, LoopThread, get_loop_thread
 from mindtrace.jobs.backends.base import Backend
 from mindtrace.jobs.constants import CLOSE_GRACE, MAX_RESULT_BYTES, RESULT_TTL
 from mindtrace.jobs.consumer import AsyncConsumer
+from mindtrace.jobs.context import JobContext
 from mindtrace.jobs.errors import UsageError
 from mindtrace.jobs.handle import AsyncJobHandle, ModelT
 from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus
@@ -194,8 +195,11 @@ class _ThreadedRun(AsyncConsumer):
     """The async consumer behind a sync Consumer: runs the user's blocking ``run`` in a bounded thread pool.
 
     Each ``consume()`` call has a pool of its own, found by its worker tasks through a context variable, so
-    calls running at once (from two threads) never share or end each other's pool.
+    calls running at once (from two threads) never share or end each other's pool. The pool runs each call in
+    a copy of the worker's context, so the job's context is current in its thread.
     """
+
+    _blocking_run = True
 
     def __init__(self, owner: Consumer, job_type_name: str, **options: Any) -> None:
         super().__init__(job_type_name, **options)
@@ -224,12 +228,19 @@ class Consumer(abc.ABC):
     blocking code is fine. Delivery guarantees, retries (``retry_policy`` and the keyword options) and
     dead-lettering are those of :class:`AsyncConsumer`, which does the work. Ctrl-C during ``consume()``
     gives unfinished jobs back to the queue before KeyboardInterrupt propagates.
+
+    Inside ``run``, ``self.context`` is the running job's :class:`JobContext` (one per job, in its thread). A
+    thread cannot be interrupted: a cancel of a running job sets ``context.cancelled`` (check it and return;
+    the job then ends CANCELLED whatever ``run`` returns), and a run over its ``timeout`` is recorded as
+    failed and abandoned in its thread (its result dropped, its slot given to a new thread): for code that
+    may hang in native calls, run the work in a child process you can kill.
     """
 
     def __init__(
         self,
         job_type_name: str,
         *,
+        timeout: float | None = None,
         retry_policy: RetryPolicy | None = None,
         max_retries: int | None = None,
         retry_delay: float | None = None,
@@ -240,6 +251,7 @@ class Consumer(abc.ABC):
         self.aio = _ThreadedRun(
             self,
             job_type_name,
+            timeout=timeout,
             retry_policy=retry_policy,
             max_retries=max_retries,
             retry_delay=retry_delay,
@@ -251,6 +263,17 @@ class Consumer(abc.ABC):
     def queue_name(self) -> str:
         """The queue this consumer takes jobs from."""
         return self.aio.queue_name
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds each run may take (None: no limit); a job's own ``timeout`` replaces it."""
+        return self.aio.timeout
+
+    @property
+    def context(self) -> JobContext:
+        """The context of the job running in the calling thread (see :attr:`AsyncConsumer.context`);
+        UsageError outside ``run``."""
+        return self.aio.context
 
     @abc.abstractmethod
     def run(self, job: Job) -> Any:
@@ -267,5 +290,6 @@ class Consumer(abc.ABC):
         return self._thread.run(self.aio.consume(num_messages, concurrency), "Consumer")
 
     def stop(self) -> None:
-        """Ask a running ``consume()`` to return after the jobs it runs now; callable from any thread."""
+        """Ask a running ``consume()`` to return after the jobs it runs now (their ``context.shutting_down``
+        becomes True); callable from any thread."""
         self._thread.call_soon(self.aio.stop)

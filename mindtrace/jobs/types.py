@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Final, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_serializer, field_validator
 
 from mindtrace.jobs.constants import MAX_PRIORITY, MIN_PRIORITY
 from mindtrace.jobs.errors import JobValidationError
@@ -102,6 +102,12 @@ class Job(BaseModel):
     have failed so far and ``error`` holds the last failure; the consumer keeps both across retries and
     records them on the dead-lettered job. ``metadata`` is free-form JSON for the caller.
 
+    ``timeout`` (seconds, > 0) limits each run of this job, over the consumer's own ``timeout``: a run over it
+    is recorded as failed with JobTimeoutError (retried, then dead-lettered). ``expires_at`` (a timezone-aware
+    datetime; a naive one is refused) is a "do not start after" time: a consumer that takes the job later
+    settles it as EXPIRED without running it. Both travel with the job; a consumer of an earlier version
+    ignores them.
+
     Job is a pydantic model: constructing one (or assigning a field) with an invalid value raises
     ``pydantic.ValidationError``, as every model here and your JobInput subclasses do. The library's own
     checks (``job_from_schema``, ``publish``, ``input_as``, a ``run`` result) raise JobValidationError naming the
@@ -120,6 +126,25 @@ class Job(BaseModel):
     attempts: int = Field(default=0, ge=0)
     error: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    expires_at: datetime | None = None
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _numeric_timeout(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("timeout must be a number of seconds, not a bool")
+        return value
+
+    @field_validator("expires_at")
+    @classmethod
+    def _aware_expiry(cls, value: datetime | None) -> datetime | None:
+        # A naive time is ambiguous by the consumer's clock and zone: refused rather than guessed.
+        if value is None:
+            return None
+        if value.utcoffset() is None:
+            raise ValueError("expires_at must be a timezone-aware datetime (e.g. datetime.now(timezone.utc))")
+        return value.astimezone(timezone.utc)
 
     def model_post_init(self, context: Any, /) -> None:
         """Store ``created_at`` as timezone-aware UTC (a naive datetime is taken to be UTC)."""

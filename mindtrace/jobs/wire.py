@@ -25,6 +25,8 @@ _OUTPUT_NONE, _OUTPUT_TYPE, _OUTPUT_VALUE = 0, 1, 2
 # The envelope holds every Job field but the payload, under its own name and in the model's order, followed by
 # the payload as ``schema``, ``input``, ``output_kind`` and ``output``. A new Job field is written and read
 # with no edit here; a field missing from an envelope takes its default, unless version 1 already had it.
+# A field added after version 1 is written only when it is not None, so a job that does not use it encodes
+# to the same bytes as before (and a consumer of an earlier version reads it as it always did).
 _JOB_FIELDS = tuple(name for name in Job.model_fields if name != "payload")
 
 #: The Job fields version 1 of the envelope carries: each is required in every envelope (never edit this set).
@@ -127,7 +129,9 @@ def encode(job: Job) -> bytes:
     envelope: dict[str, Any] = {"v": WIRE_VERSION}
     for name in type(job).model_fields:
         if name != "payload":
-            envelope[name] = _plain(getattr(job, name))
+            value = getattr(job, name)
+            if value is not None or name in ENVELOPE_V1_FIELDS:
+                envelope[name] = _plain(value)
     envelope["schema"] = payload.name
     envelope["input"] = None if isinstance(payload.input, type) else payload.input.model_dump(mode="json")
     envelope["output_kind"] = output_kind

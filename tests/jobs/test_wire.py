@@ -43,9 +43,14 @@ def test_encoding_is_byte_compatible_with_version_1_and_decodes_back_equal() -> 
 
 
 def test_the_envelope_carries_every_job_field_but_the_payload() -> None:
-    keys = list(json.loads(encode(v1_job())))
+    # Fields added after version 1 are written when set (a job that does not use them keeps the v1 bytes).
+    later = {"timeout": 30.0, "expires_at": datetime(2026, 5, 1, tzinfo=timezone.utc)}
+    job = v1_job().model_copy(update=later)
+    keys = list(json.loads(encode(job)))
     assert keys == ["v", *(f for f in Job.model_fields if f != "payload"), "schema", "input", "output_kind", "output"]
     assert set(Job.model_fields) >= ENVELOPE_V1_FIELDS
+    assert decode(encode(job), SCHEMAS) == job
+    assert set(json.loads(encode(v1_job()))) == {"v", *ENVELOPE_V1_FIELDS, "schema", "input", "output_kind", "output"}
 
 
 def test_a_new_job_field_is_written_with_no_other_edit_and_an_unknown_one_is_ignored_on_read() -> None:
