@@ -9,6 +9,7 @@ import re
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,8 @@ from mindtrace.jobs.backends.base import Backend
 from tests.jobs.support import servers
 from tests.jobs.support.api import Api, AsyncApi, SyncApi
 
-#: Backends the conformance suite runs on; narrow with MINDTRACE_JOBS_BACKENDS=memory,redis.
+#: Backends the conformance suite runs on; narrow with MINDTRACE_JOBS_BACKENDS=memory,redis. A name
+#: ``<broker>+<store>`` pairs a broker with another state store (none is in the default set yet).
 ALL_BACKENDS = ("memory", "redis", "rabbitmq")
 BACKENDS = tuple(name for name in os.environ.get("MINDTRACE_JOBS_BACKENDS", ",".join(ALL_BACKENDS)).split(",") if name)
 APIS = ("async", "sync")
@@ -59,32 +61,58 @@ def amqp_url() -> Iterator[str]:
         yield _require(url, "RabbitMQ server (MINDTRACE_JOBS_AMQP_URL)")
 
 
+def _broker_url(broker: str, request: pytest.FixtureRequest) -> str:
+    if broker == "memory":
+        return "memory://"
+    if broker == "redis":
+        return str(request.getfixturevalue("redis_url"))
+    if broker == "rabbitmq":
+        return str(request.getfixturevalue("amqp_url"))
+    raise ValueError(f"unknown backend {broker!r}")
+
+
 def _factory(name: str, request: pytest.FixtureRequest) -> Callable[[], Backend]:
-    if name == "memory":
+    broker = name.split("+", 1)[0]
+    if broker == "memory":
         return LocalClient
-    if name == "redis":
+    url = _broker_url(broker, request)
+    if broker == "redis":
         from mindtrace.jobs import RedisClient
 
-        url = request.getfixturevalue("redis_url")
         return lambda: RedisClient.from_url(url)
-    if name == "rabbitmq":
-        from mindtrace.jobs import RabbitMQClient
+    from mindtrace.jobs import RabbitMQClient
 
-        url = request.getfixturevalue("amqp_url")
-        return lambda: RabbitMQClient.from_url(url)
-    raise ValueError(f"unknown backend {name!r}")
+    return lambda: RabbitMQClient.from_url(url)
 
 
 @pytest.fixture(params=BACKENDS)
 def backend_name(request: pytest.FixtureRequest) -> str:
-    """Name of the backend under test."""
+    """Name of the backend configuration under test (a broker, or ``<broker>+<store>``)."""
     return str(request.param)
 
 
 @pytest.fixture
 def backend_factory(backend_name: str, request: pytest.FixtureRequest) -> Callable[[], Backend]:
-    """Makes a fresh, unconnected backend of the kind under test."""
+    """Makes a fresh, unconnected backend of the kind under test (the broker of a ``+`` pairing)."""
     return _factory(backend_name, request)
+
+
+@pytest.fixture
+def backend_url(backend_name: str, request: pytest.FixtureRequest) -> str:
+    """URL of the broker under test (``memory://`` in memory), for a process of its own."""
+    return _broker_url(backend_name.split("+", 1)[0], request)
+
+
+@pytest.fixture
+def orchestrator_options(backend_name: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Keyword options of the orchestrators under test: ``state=<url>`` for a ``<broker>+<store>`` pairing,
+    none (the backend's own store) otherwise."""
+    if "+" not in backend_name:
+        return {}
+    store = backend_name.split("+", 1)[1]
+    if store != "redis":
+        raise ValueError(f"unknown state store {store!r} in {backend_name!r}")
+    return {"state": str(request.getfixturevalue("redis_url"))}
 
 
 @pytest.fixture
@@ -111,13 +139,15 @@ def queue(new_queue: Callable[[str], str]) -> str:
     return new_queue("q")
 
 
-async def _open_api(kind: str, backend: Backend) -> Api:
-    return AsyncApi(backend) if kind == "async" else SyncApi(backend)
+async def _open_api(kind: str, backend: Backend, options: dict[str, Any]) -> Api:
+    return AsyncApi(backend, **options) if kind == "async" else SyncApi(backend, **options)
 
 
 @contextlib.asynccontextmanager
-async def _api_session(kind: str, factory: Callable[[], Backend], queue_names: list[str]) -> AsyncIterator[Api]:
-    api = await _open_api(kind, factory())
+async def _api_session(
+    kind: str, factory: Callable[[], Backend], queue_names: list[str], options: dict[str, Any]
+) -> AsyncIterator[Api]:
+    api = await _open_api(kind, factory(), options)
     try:
         yield api
     finally:
@@ -129,15 +159,32 @@ async def _api_session(kind: str, factory: Callable[[], Backend], queue_names: l
 
 @pytest.fixture(params=APIS)
 async def api(
-    request: pytest.FixtureRequest, backend_factory: Callable[[], Backend], queue_names: list[str]
+    request: pytest.FixtureRequest,
+    backend_factory: Callable[[], Backend],
+    queue_names: list[str],
+    orchestrator_options: dict[str, Any],
 ) -> AsyncIterator[Api]:
     """The orchestrator under test, through the async API or the sync facade, on each backend."""
-    async with _api_session(str(request.param), backend_factory, queue_names) as opened:
+    async with _api_session(str(request.param), backend_factory, queue_names, orchestrator_options) as opened:
         yield opened
 
 
 @pytest.fixture
-async def async_api(backend_factory: Callable[[], Backend], queue_names: list[str]) -> AsyncIterator[Api]:
+async def async_api(
+    backend_factory: Callable[[], Backend], queue_names: list[str], orchestrator_options: dict[str, Any]
+) -> AsyncIterator[Api]:
     """The async API only, for behaviour that exists only there (task cancellation)."""
-    async with _api_session("async", backend_factory, queue_names) as opened:
+    async with _api_session("async", backend_factory, queue_names, orchestrator_options) as opened:
         yield opened
+
+
+@pytest.fixture
+def job_records(backend_factory: Callable[[], Backend], orchestrator_options: dict[str, Any]) -> None:
+    """For the lifecycle tests: the configuration under test keeps job records, as its capabilities say.
+
+    A backend whose ``capabilities.job_records`` is False (and no other store given) cannot run them: what it
+    does instead (a UsageError naming it) is checked by test_capabilities.py.
+    """
+    backend = backend_factory()
+    if not backend.capabilities.job_records and "state" not in orchestrator_options:
+        pytest.skip(f"{type(backend).__name__}: capabilities.job_records is False (no state store of its own yet)")

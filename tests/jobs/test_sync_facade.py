@@ -213,14 +213,8 @@ def test_ctrl_c_during_consume_loses_no_job() -> None:
         assert out.strip().splitlines()[-1] == "count 3"
 
 
-def _backend_url(backend_name: str, request: pytest.FixtureRequest) -> str:
-    if backend_name == "memory":
-        return "memory://"
-    return str(request.getfixturevalue("redis_url" if backend_name == "redis" else "amqp_url"))
-
-
 def test_ctrl_c_during_receive_message_leaves_no_task_to_take_the_next_job(
-    backend_name: str, request: pytest.FixtureRequest, new_queue: Callable[[str], str]
+    backend_url: str, new_queue: Callable[[str], str]
 ) -> None:
     # Interrupted, the blocking receive must end on the loop thread too: a receive left running there would
     # take the next job published, ack it and hand it to nobody.
@@ -232,7 +226,7 @@ def test_ctrl_c_during_receive_message_leaves_no_task_to_take_the_next_job(
             from tests.jobs.conformance.models import image_schema, make_job
 
             queue = {new_queue("ctrl-c")!r}
-            orch = Orchestrator({_backend_url(backend_name, request)!r})
+            orch = Orchestrator({backend_url!r})
             schema = image_schema(queue)
             orch.register(schema)
             print("waiting", flush=True)

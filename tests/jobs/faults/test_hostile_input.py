@@ -116,19 +116,13 @@ class Session:
             self.loop.close()
 
 
-def _backend_url(backend_name: str, request: pytest.FixtureRequest) -> str:
-    if backend_name == "memory":
-        return "memory://"
-    return str(request.getfixturevalue("redis_url" if backend_name == "redis" else "amqp_url"))
-
-
 @pytest.fixture
-def make_session(backend_name: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., Session]]:
+def make_session(backend_url: str) -> Iterator[Callable[..., Session]]:
     """Opens sessions on the backend under test; keyword arguments go to the backend (``from_url``)."""
     opened: list[Session] = []
 
     def make(**options: Any) -> Session:
-        session = Session(from_url(_backend_url(backend_name, request), **options))
+        session = Session(from_url(backend_url, **options))
         opened.append(session)
         return session
 
