@@ -118,20 +118,15 @@ class AsyncOrchestrator:
     @property
     def records(self) -> bool:
         """Whether this orchestrator keeps job records (``state`` is not False)."""
-        if self._state_option is False:
+        option = self._state_option
+        if option is False:
             return False
-        if self._state is None:
-            try:
-                self.state  # noqa: B018 (made here)
-            except NotImplementedError:  # a backend without a store of its own yet
-                self._state_option = False
-                return False
-        return True
+        return option is not None or self.backend.capabilities.job_records
 
     @property
     def state(self) -> StateStore:
         """The state store of this orchestrator's job records (made on first use); UsageError with
-        ``state=False``."""
+        ``state=False``, or over a backend without a store of its own (``capabilities.job_records``)."""
         if self._state is None:
             option = self._state_option
             if option is False:
@@ -197,7 +192,7 @@ class AsyncOrchestrator:
     def _settle_record(self, delivery: Delivery, outcome: Outcome) -> StateUpdate | None:
         """The record a settle writes, or None (no records, a dead-letter queue's own jobs)."""
         queue, job = delivery.queue, outcome.job
-        if not self.records or queue.endswith(DLQ_SUFFIX):
+        if not outcome.record or not self.records or queue.endswith(DLQ_SUFFIX):
             return None
         action = outcome.action
         if action is Action.ACK:

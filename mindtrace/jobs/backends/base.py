@@ -90,6 +90,9 @@ class Capabilities:
     - ``unique_job_ids``: a publish of a job id the queue already holds (ready, claimed, or waiting for a retry
       delay) is a no-op, so a publish sent twice queues the job once; once the job is acked, dead-lettered or
       purged, its id may be published again. False: every publish queues another copy.
+    - ``job_records``: the backend has a job-state store of its own (``state_store()``), so an orchestrator over
+      it keeps job records (status, results, cancel) by default. False: handles cannot be followed (their
+      methods raise UsageError saying so) unless the orchestrator is given another store.
     """
 
     lease_timeout: float | None
@@ -101,6 +104,7 @@ class Capabilities:
     can_list_queues: bool
     shared_queues: bool
     unique_job_ids: bool
+    job_records: bool
 
 
 @dataclass(frozen=True)
@@ -260,7 +264,10 @@ class Backend(abc.ABC):
 
     def state_store(self) -> StateStore:
         """This backend's own job-state store, the default of an orchestrator over it (made once)."""
-        raise NotImplementedError(f"{type(self).__name__} has no state store")
+        raise UsageError(
+            f"{type(self).__name__} keeps no job records yet (capabilities.job_records is False): job status, "
+            "results and cancellation are not available on it"
+        )
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Backend:

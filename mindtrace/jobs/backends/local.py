@@ -112,6 +112,7 @@ class LocalClient(Backend):
         can_list_queues=True,
         shared_queues=False,
         unique_job_ids=True,  # each queue keeps the set of job ids it holds
+        job_records=True,  # MemoryStateStore, written inside each publish and settle
     )
 
     def __init__(self, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:

@@ -117,6 +117,7 @@ class RabbitMQClient(Backend):
         can_list_queues=False,
         shared_queues=True,
         unique_job_ids=False,
+        job_records=False,  # its state store is not written yet
     )
 
     def __init__(

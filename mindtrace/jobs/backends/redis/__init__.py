@@ -140,6 +140,7 @@ class RedisClient(Backend):
             can_list_queues=True,
             shared_queues=True,
             unique_job_ids=True,  # publish.lua queues a job id only if the queue holds no body under it
+            job_records=False,  # its state store is not written yet
         )
         self.operation_timeout = float(operation_timeout)
         self.connection_retries = connection_retries
