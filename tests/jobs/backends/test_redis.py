@@ -523,4 +523,6 @@ async def test_an_idle_consumer_makes_almost_no_calls_and_a_publish_reaches_it_a
             latencies.append(await asyncio.wait_for(received.get(), 5) - sent)
         consumer.stop()
         assert await asyncio.wait_for(task, 10) == 5
-        assert max(latencies) < 0.05, latencies
+        # "At once" against polling: a receiver that polled would wait up to its 5-s block; a wake-up under
+        # 1 s (typically ~3 ms; a noisy, shared machine has shown 0.25 s) is the push path.
+        assert max(latencies) < 1.0, latencies
