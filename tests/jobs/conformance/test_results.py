@@ -124,10 +124,14 @@ async def test_a_job_failing_every_retry_raises_job_failed_error_only_once_dead_
         runs.append(job.attempts)
         raise RuntimeError(f"boom {len(runs)}")
 
+    async def answered() -> object:
+        try:
+            return await api.result(handle, timeout=30)
+        finally:  # noted as the wait ends, not in a done callback that may run after the test reads it
+            runs_when_answered.append(len(runs))
+
     def waiter() -> asyncio.Task[object]:
-        task = asyncio.create_task(api.result(handle, timeout=30))
-        task.add_done_callback(lambda _: runs_when_answered.append(len(runs)))
-        return task
+        return asyncio.create_task(answered())
 
     early = waiter()  # waits from QUEUED
     # The retry delay is long enough to find the job RETRYING and start a waiter there.
