@@ -19,8 +19,8 @@ from tests.jobs.support import servers
 from tests.jobs.support.api import Api, AsyncApi, SyncApi
 
 #: Backends the conformance suite runs on; narrow with MINDTRACE_JOBS_BACKENDS=memory,redis. A name
-#: ``<broker>+<store>`` pairs a broker with another state store (none is in the default set yet).
-ALL_BACKENDS = ("memory", "redis", "rabbitmq")
+#: ``<broker>+<store>`` pairs a broker with another state store (RabbitMQ with Redis records).
+ALL_BACKENDS = ("memory", "redis", "rabbitmq", "rabbitmq+redis")
 BACKENDS = tuple(name for name in os.environ.get("MINDTRACE_JOBS_BACKENDS", ",".join(ALL_BACKENDS)).split(",") if name)
 APIS = ("async", "sync")
 

@@ -15,7 +15,7 @@ import logging
 import math
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mindtrace.jobs.backends._endpoint import Endpoint
 from mindtrace.jobs.backends.base import (
@@ -54,6 +54,9 @@ from mindtrace.jobs.errors import (
 )
 from mindtrace.jobs.lifecycle import StateUpdate
 from mindtrace.jobs.wire import peek_job_id
+
+if TYPE_CHECKING:
+    from mindtrace.jobs.state.redis import RedisStateStore
 
 logger = logging.getLogger("mindtrace.jobs")
 
@@ -140,7 +143,7 @@ class RedisClient(Backend):
             can_list_queues=True,
             shared_queues=True,
             unique_job_ids=True,  # publish.lua queues a job id only if the queue holds no body under it
-            job_records=False,  # its state store is not written yet
+            job_records=True,  # RedisStateStore, on the same server
         )
         self.operation_timeout = float(operation_timeout)
         self.connection_retries = connection_retries
@@ -162,6 +165,24 @@ class RedisClient(Backend):
         self._held: weakref.WeakSet[Delivery] = weakref.WeakSet()
         # Per queue: tokens of claims whose answer was lost; the next claim adopts what they hold.
         self._doubtful: dict[str, dict[str, int]] = {}
+        self._state: RedisStateStore | None = None
+
+    def state_store(self) -> RedisStateStore:
+        """This client's job records: a RedisStateStore on the same server, with its own connections (made once)."""
+        if self._state is None:
+            from mindtrace.jobs.state.redis import RedisStateStore
+
+            connection = RedisConnection(
+                endpoint=self.endpoint,
+                password=self._password,
+                ssl_ca_certs=self.ssl_ca_certs,
+                ssl_cert_reqs=self.ssl_cert_reqs,
+                operation_timeout=self.operation_timeout,
+                connection_retries=self.connection_retries,
+                connect_timeout=self.connect_timeout,
+            )
+            self._state = RedisStateStore(connection, key_prefix=self.key_prefix)
+        return self._state
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisClient:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
@@ -44,7 +44,22 @@ _T = TypeVar("_T")
 #: Retry backoff for commands while the server is unreachable: first wait and cap, in seconds.
 _RETRY_BASE, _RETRY_CAP = 0.1, 2.0
 
-_SCRIPTS = ("declare", "publish", "claim", "ack", "release", "retry", "dead_letter", "extend", "count", "purge", "wake")
+_SCRIPTS = (
+    "declare",
+    "publish",
+    "claim",
+    "ack",
+    "release",
+    "retry",
+    "dead_letter",
+    "extend",
+    "count",
+    "purge",
+    "wake",
+    "state_record",
+    "state_cancel",
+    "state_forget",
+)
 
 
 #: Options ``from_url`` takes from the query of any Redis URL, and the TLS ones only a ``rediss://`` URL takes.
@@ -233,6 +248,18 @@ class RedisConnection:
             raise
         self._redis, self._blocking = commands, blocking
         self._scripts = {name: commands.register_script(source) for name, source in _script_sources().items()}
+
+    def subscriber(self) -> aioredis.Redis:
+        """A new client for one pub/sub connection: reads without a timeout (an idle subscriber sends nothing)
+        and no retries (its owner reconnects, so it knows to read again what it follows)."""
+        return aioredis.Redis(
+            **self._options,
+            socket_timeout=None,
+            socket_connect_timeout=min(self._operation_timeout, self._connect_timeout),
+            socket_keepalive=True,
+            retry=Retry(NoBackoff(), 0),
+            password=self._password,
+        )
 
     async def close(self) -> None:
         """Close both clients."""

@@ -1,0 +1,36 @@
+-- Cancel a job through its record (the state store's cancel; see mindtrace/jobs/state/redis.py).
+-- KEYS: record hash, the queue's record index, the queue's cancel stream
+-- ARGV: the CANCELLED update's JSON, the cancel-request update's JSON, ttl ms ("" keeps it), at ms, job id,
+--       reason ("" for none), the job's event channel, the queue's cancel channel
+-- A record not yet RUNNING becomes CANCELLED here, atomically with the check, and a consumer records RUNNING
+-- before it checks for a cancel: so a queued job either is cancelled before it starts or is running (and
+-- hears the request on the cancel channel, or reads it when its next attempt starts).
+local rec, idx, stream = KEYS[1], KEYS[2], KEYS[3]
+local cancelled, request, ttl, at, id, reason, channel, control =
+    ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+
+local status = redis.call('HGET', rec, 's')
+if not status then
+    return 'not_found'
+end
+if redis.call('HEXISTS', rec, 't') == 1 then
+    return 'already_finished'
+end
+local n = redis.call('HINCRBY', rec, 'n', 1)
+redis.call('HSET', rec, 'r', reason)
+if status == 'running' then
+    redis.call('HSET', rec, 'e' .. n, request, 'c', '1')
+    local sid = redis.call('XADD', stream, 'MAXLEN', '~', 10000, '*', 'id', id, 'reason', reason)
+    redis.call('PUBLISH', control, sid .. '\n' .. id .. '\n' .. reason)
+    redis.call('PUBLISH', channel, 'cancel')
+    return 'cancelling'
+end
+redis.call('HSET', rec, 'e' .. n, cancelled, 's', 'cancelled', 't', '1')
+if ttl ~= '' then
+    redis.call('PEXPIRE', rec, ttl)
+    redis.call('ZADD', idx, at + tonumber(ttl), id)
+else
+    redis.call('ZADD', idx, '+inf', id)
+end
+redis.call('PUBLISH', channel, 'status')
+return 'cancelled'

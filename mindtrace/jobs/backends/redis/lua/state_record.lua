@@ -1,0 +1,54 @@
+-- Apply one StateUpdate to a job's record (the state store's write; see mindtrace/jobs/state/redis.py).
+-- KEYS: record hash, the queue's record index (sorted set: job id -> expiry ms, +inf while not terminal)
+-- ARGV: entry (the update's JSON), kind, status, terminal ("1"/"0"), ttl ms ("" keeps it), at ms, job id,
+--       the job's event channel
+-- The record hash: s (status, as the merge rule leaves it), t (terminal), c (cancel requested), r (reason),
+-- q (enqueued at, ms), n (entries so far), e1..en (updates in store order), p (the latest progress of the running attempt).
+-- Only what JobInfo.apply would keep is written, so a reader folding e1..en then p gets the merge rule's record.
+local rec, idx = KEYS[1], KEYS[2]
+local entry, kind, status, terminal, ttl, at, id, channel =
+    ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7], ARGV[8]
+
+if kind == 'published' then
+    redis.call('DEL', rec)  -- a new life of the id
+elseif redis.call('HEXISTS', rec, 't') == 1 then
+    return 0  -- a terminal record changes no more
+end
+
+if kind == 'withdrawn' then
+    redis.call('DEL', rec)
+    redis.call('ZREM', idx, id)
+elseif kind == 'progress' then
+    if redis.call('HGET', rec, 's') ~= 'running' then
+        return 0
+    end
+    redis.call('HSET', rec, 'p', entry)
+else
+    local n = redis.call('HINCRBY', rec, 'n', 1)
+    redis.call('HSET', rec, 'e' .. n, entry)
+    if kind == 'cancel' then
+        redis.call('HSET', rec, 'c', '1')
+    else
+        redis.call('HSET', rec, 's', status)
+        if kind == 'published' then
+            redis.call('HSET', rec, 'q', at)  -- when it was enqueued, for purges
+        end
+        if status == 'running' then
+            redis.call('HDEL', rec, 'p')  -- a new attempt reports its own progress
+        end
+    end
+    if terminal == '1' then
+        redis.call('HSET', rec, 't', '1')
+        if ttl ~= '' then
+            redis.call('PEXPIRE', rec, ttl)
+            redis.call('ZADD', idx, at + tonumber(ttl), id)
+        else
+            redis.call('ZADD', idx, '+inf', id)
+        end
+        redis.call('ZREMRANGEBYSCORE', idx, '-inf', '(' .. at)  -- index entries of records past retention
+    else
+        redis.call('ZADD', idx, '+inf', id)
+    end
+end
+redis.call('PUBLISH', channel, kind)
+return 1
