@@ -319,8 +319,7 @@ class AsyncConsumer(abc.ABC):
                 continue
             except QueueNotFoundError:
                 budget.give_back()
-                await self._declare_lost_queue(delay)
-                delay = min(delay * 2, _RECONNECT_MAX_DELAY)
+                delay = await self._declare_lost_queue(delay)
                 continue
             except BackendError as exc:
                 # The broker answered with an error that may pass (Redis full, BUSY with another client's
@@ -341,17 +340,38 @@ class AsyncConsumer(abc.ABC):
             else:
                 budget.give_back()
 
-    async def _declare_lost_queue(self, delay: float) -> None:
+    async def _declare_lost_queue(self, delay: float) -> float:
         """The broker lost the queue under this consumer (deleted elsewhere, or a broker restart without
-        persistence): declare it again, saying so, and go on after ``delay`` s (no busy loop if it stays gone)."""
-        try:
-            if await self.orchestrator.ensure_queue(self.queue_name, refresh=True):
-                logger.warning("queue %r was gone from the broker: declared it again, consuming on", self.queue_name)
-        except BackendError as exc:  # the broker is still coming back, or full: the claim loop retries
-            if isinstance(exc, BackendRefusedError):
-                raise
-            logger.warning("consumer of %r could not declare its lost queue yet: %s", self.queue_name, exc)
+        persistence): declare it again with its dead-letter queue, saying so, and go on after ``delay`` s (no
+        busy loop if it stays gone). Returns the delay to wait after the next failure.
+
+        A declare that fails is tried again (with the same back-off) until it succeeds or the consumer stops,
+        not left to the next claim: a declare that failed halfway (the queue made, its dead-letter queue not,
+        as when that is deleted meanwhile) lets the claim succeed, and the consumer would go on without its
+        dead-letter queue and without saying it declared the queue again.
+        """
+        while True:
+            try:
+                if await self.orchestrator.ensure_queue(self.queue_name, refresh=True):
+                    logger.warning(
+                        "queue %r was gone from the broker: declared it again, consuming on", self.queue_name
+                    )
+                break
+            except BackendError as exc:  # the broker is still coming back, or full: try again
+                if isinstance(exc, BackendRefusedError):
+                    raise
+                logger.warning(
+                    "consumer of %r could not declare its lost queue yet, retrying in %.1fs: %s",
+                    self.queue_name,
+                    delay,
+                    exc,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RECONNECT_MAX_DELAY)
+            if self._stopping:
+                return delay
         await asyncio.sleep(delay)
+        return min(delay * 2, _RECONNECT_MAX_DELAY)
 
     async def _claim(self, receiver: Receiver) -> Delivery | None:
         # The worker waits in the receiver itself: no task per claim. stop() cancels the workers waiting here

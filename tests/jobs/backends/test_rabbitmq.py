@@ -489,6 +489,34 @@ async def test_a_waiting_receiver_reports_its_queue_deleted(queue: str, orchestr
         await receiver.close()
 
 
+async def test_a_broker_cancel_read_before_the_consume_call_returns_is_heard(
+    queue: str, orchestrator: AsyncOrchestrator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker's basic.cancel can be read right behind consume-ok, before the subscribing coroutine resumes
+    (a loaded machine): the receiver must hear it, not wait on a consumer the broker dropped."""
+    await orchestrator.declare_queue(queue)
+    consume = aio_pika.Queue.consume
+
+    async def consume_then_lose_the_queue(self: aio_pika.Queue, *args: Any, **kwargs: Any) -> str:
+        tag = await consume(self, *args, **kwargs)  # consume-ok read
+        await orchestrator.delete_queue(queue)
+        underlay = await self.channel.get_underlay_channel()
+        deadline = time.monotonic() + 5
+        while tag in underlay.consumers:  # the driver drops the tag once it read the broker's basic.cancel
+            assert time.monotonic() < deadline, "the broker did not cancel the consumer"
+            await asyncio.sleep(0.01)
+        return tag
+
+    monkeypatch.setattr(aio_pika.Queue, "consume", consume_then_lose_the_queue)
+    receiver = await orchestrator.backend.open_receiver(queue, prefetch=2)  # push delivery at the first get
+    try:
+        with pytest.raises(QueueNotFoundError):
+            await asyncio.wait_for(receiver.get(None), 10)
+    finally:
+        monkeypatch.undo()
+        await receiver.close()
+
+
 async def raw_consumer_count(amqp_url: str, name: str) -> int:
     """Consumers subscribed to queue ``name`` (one per channel a receiver consumes on), asked by another client."""
     async with raw_channel(amqp_url) as channel:

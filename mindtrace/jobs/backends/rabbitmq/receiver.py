@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -242,12 +243,22 @@ class _RabbitMQReceiver(Receiver):
         with self._channels.boundary():
             channel = await self._ensure_channel(lane)
             queue = await channel.get_queue(self._queue, ensure=False)
+            # The tag is ours and the lane holds it before basic.consume goes out: the broker's basic.cancel (the
+            # queue deleted) can be read right behind consume-ok, before this coroutine resumes, and a cancel of
+            # a tag the lane did not hold yet would be ignored, leaving the lane waiting on a consumer that is gone.
+            tag = f"mindtrace.{uuid.uuid4().hex}"
+            lane.consumer_tag = tag
             try:  # on a deleted queue this closes the channel, whose messages went with the queue anyway
-                tag = await queue.consume(deliver, timeout=self._channels.operation_timeout)
-            except ChannelNotFoundEntity as exc:
-                raise QueueNotFoundError(self._queue) from exc
-            if channel is lane.channel and not channel.is_closed:
-                lane.consumer_tag = tag
+                await queue.consume(deliver, consumer_tag=tag, timeout=self._channels.operation_timeout)
+            except Exception as exc:
+                if lane.consumer_tag == tag:
+                    lane.consumer_tag = None
+                if isinstance(exc, ChannelNotFoundEntity):
+                    raise QueueNotFoundError(self._queue) from exc
+                raise
+            # Already None if the broker cancelled it, or the channel closed, meanwhile.
+            if lane.consumer_tag == tag and (channel is not lane.channel or channel.is_closed):
+                lane.consumer_tag = None
 
     async def _pull(self) -> Delivery | None:
         lane = self._lanes[0]
