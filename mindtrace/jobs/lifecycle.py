@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Final, Literal
 
@@ -209,9 +209,9 @@ class JobInfo:
         if self.status.terminal:
             return self
         if update.kind == "cancel":
-            return replace(self, cancel_requested=True, reason=update.reason or self.reason)
+            return self._with(cancel_requested=True, reason=update.reason or self.reason)
         if update.kind == "progress":
-            return replace(self, progress=update.progress) if self.status is JobStatus.RUNNING else self
+            return self._with(progress=update.progress) if self.status is JobStatus.RUNNING else self
         if update.kind == "withdrawn":
             return JobInfo(job_id=self.job_id, queue=self.queue)
         at = _datetime(update.at)
@@ -235,7 +235,15 @@ class JobInfo:
             changes.update(started_at=at, worker=update.worker, progress=update.progress)
         elif update.status is JobStatus.RETRYING:
             changes["error"] = update.error
-        return replace(self, **changes)
+        return self._with(**changes)
+
+    def _with(self, **changes: Any) -> JobInfo:
+        """A copy with ``changes`` (``dataclasses.replace`` without its per-call field introspection: the merge
+        rule runs on every record write, and the values come from the rule itself)."""
+        copy = object.__new__(JobInfo)
+        copy.__dict__.update(self.__dict__)
+        copy.__dict__.update(changes)
+        return copy
 
     @classmethod
     def new(cls, queue: str, update: StateUpdate) -> JobInfo:

@@ -359,7 +359,7 @@ class AsyncOrchestrator:
             raise JobValidationError(
                 f"publish() takes (queue_name, job) or (job), not ({type(queue_or_job).__name__}, ...)"
             )
-        return queue_or_job, self._check_job(job)
+        return validate_queue_name(queue_or_job), self._check_job(job)
 
     def _check_job(self, job: object) -> Job:
         if not isinstance(job, Job):

@@ -266,7 +266,7 @@ class Backend(abc.ABC):
         """This backend's own job-state store, the default of an orchestrator over it (made once)."""
         raise UsageError(
             f"{type(self).__name__} keeps no job records yet (capabilities.job_records is False): job status, "
-            "results and cancellation are not available on it"
+            'results and cancellation need a state store: give the orchestrator one, e.g. state="redis://host:6379/0"'
         )
 
     @classmethod

@@ -458,9 +458,13 @@ class RedisStateStore(StateStore):
 
     async def info(self, queue: str, job_id: str) -> JobInfo:
         await self._ensure_connected()
-        with self._connection.io():
-            raw = await self._connection.commands.hgetall(self._record_key(queue, job_id))
-        return fold(queue, job_id, raw)
+        return fold(queue, job_id, await self._read(queue, job_id))
+
+    async def _read(self, queue: str, job_id: str) -> dict[str, Any]:
+        """The record's hash, read by a script so that concurrent reads share one pipelined round trip."""
+        await self._ensure_connected()
+        flat = await self._connection.run("state_read", [self._record_key(queue, job_id)], [])
+        return {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
 
     def watch(self, queue: str, job_id: str) -> Watch:
         return _RedisWatch(self, queue, job_id)
@@ -487,13 +491,9 @@ class RedisStateStore(StateStore):
         return CancelOutcome(_text(answer))
 
     async def cancel_requested(self, queue: str, job_id: str) -> str | None:
-        await self._ensure_connected()
-        with self._connection.io():
-            status, requested, reason = await self._connection.commands.hmget(
-                self._record_key(queue, job_id), "s", "c", "r"
-            )
-        if requested is not None or (status is not None and _text(status) == "cancelled"):
-            return "" if reason is None else _text(reason)
+        record = await self._read(queue, job_id)
+        if "c" in record or _text(record.get("s", b"")) == "cancelled":
+            return _text(record.get("r", b""))
         return None
 
     async def listen_cancels(self, queue: str, callback: CancelCallback) -> CancelListener:

@@ -59,6 +59,7 @@ _SCRIPTS = (
     "state_record",
     "state_cancel",
     "state_forget",
+    "state_read",
 )
 
 

@@ -1,10 +1,14 @@
--- Cancel a job through its record (the state store's cancel; see mindtrace/jobs/state/redis.py).
--- KEYS: record hash, the queue's record index, the queue's cancel stream
--- ARGV: the CANCELLED update's JSON, the cancel-request update's JSON, ttl ms ("" keeps it), at ms, job id,
---       reason ("" for none), the job's event channel, the queue's cancel channel
+-- state_cancel.lua: cancel a job through its record (RedisStateStore.cancel; after lib.lua).
+--
+-- KEYS[1] the job's record hash   KEYS[2] the queue's record index   KEYS[3] the queue's cancel stream
+-- ARGV[1] the CANCELLED update's JSON   ARGV[2] the cancel request's JSON   ARGV[3] ttl ms ("": kept)
+-- ARGV[4] at (ms)   ARGV[5] job id   ARGV[6] reason ("": none)   ARGV[7] the job's event channel
+-- ARGV[8] the queue's cancel channel
+--
 -- A record not yet RUNNING becomes CANCELLED here, atomically with the check, and a consumer records RUNNING
 -- before it checks for a cancel: so a queued job either is cancelled before it starts or is running (and
 -- hears the request on the cancel channel, or reads it when its next attempt starts).
+-- Returns 'not_found', 'already_finished', 'cancelling' or 'cancelled' (CancelOutcome's values).
 local rec, idx, stream = KEYS[1], KEYS[2], KEYS[3]
 local cancelled, request, ttl, at, id, reason, channel, control =
     ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8]

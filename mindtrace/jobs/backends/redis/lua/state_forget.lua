@@ -1,8 +1,10 @@
--- Forget records of a queue (the state store's purge and queue deletion; see mindtrace/jobs/state/redis.py).
--- KEYS: the queue's record index
--- ARGV: before (ms; "" forgets every record, else only queued ones enqueued before it), the record key
---       prefix, the event channel prefix, then job ids
--- Returns how many records were forgotten.
+-- state_forget.lua: forget records of a queue (RedisStateStore purges and queue deletions; after lib.lua).
+--
+-- KEYS[1] the queue's record index
+-- ARGV[1] before (ms; "" forgets every record given, else only queued ones enqueued before it)
+-- ARGV[2] the record key prefix   ARGV[3] the event channel prefix   ARGV[4..] job ids
+--
+-- Returns how many records were forgotten (each one's channel is told).
 local idx = KEYS[1]
 local before, key_prefix, channel_prefix = ARGV[1], ARGV[2], ARGV[3]
 local limit = before ~= '' and tonumber(before) or nil

@@ -1,10 +1,13 @@
--- Apply one StateUpdate to a job's record (the state store's write; see mindtrace/jobs/state/redis.py).
--- KEYS: record hash, the queue's record index (sorted set: job id -> expiry ms, +inf while not terminal)
--- ARGV: entry (the update's JSON), kind, status, terminal ("1"/"0"), ttl ms ("" keeps it), at ms, job id,
---       the job's event channel
+-- state_record.lua: apply one StateUpdate to a job's record (RedisStateStore.record; after lib.lua).
+--
+-- KEYS[1] the job's record hash   KEYS[2] the queue's record index (job id -> expiry ms, +inf while not terminal)
+-- ARGV[1] the update's JSON   ARGV[2] kind   ARGV[3] status   ARGV[4] terminal ("1"/"0")   ARGV[5] ttl ms ("": kept)
+-- ARGV[6] at (ms)   ARGV[7] job id   ARGV[8] the job's event channel
+--
 -- The record hash: s (status, as the merge rule leaves it), t (terminal), c (cancel requested), r (reason),
--- q (enqueued at, ms), n (entries so far), e1..en (updates in store order), p (the latest progress of the running attempt).
--- Only what JobInfo.apply would keep is written, so a reader folding e1..en then p gets the merge rule's record.
+-- q (enqueued at, ms), n (entries so far), e1..en (updates in store order), p (the running attempt's latest
+-- progress). Only what JobInfo.apply would keep is written, so a reader folding e1..en then p gets the merge
+-- rule's record. Returns 1 when the record changed (its channel is told), 0 when the update changes nothing.
 local rec, idx = KEYS[1], KEYS[2]
 local entry, kind, status, terminal, ttl, at, id, channel =
     ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7], ARGV[8]
