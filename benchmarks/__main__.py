@@ -232,10 +232,10 @@ def _print_targets(rows: list[dict[str, Any]], info: list[tuple[str, str, float 
         value = "n/a" if row["value"] is None else f"{row['value']:,.2f}"
         verdict = {True: "met", False: "NOT MET", None: "not measured"}[row["met"]]
         basis = f"  ({row['basis']})" if row["basis"] else ""
-        print(f"  {row['backend']:<9} {row['target']:<46} {value:>10} {row['op']} {row['bound']:<8g} {verdict}{basis}")
+        print(f"  {row['backend']:<14} {row['target']:<46} {value:>10} {row['op']} {row['bound']:<8g} {verdict}{basis}")
     print("\nFor context:")
     for backend, label, ratio in info:
-        print(f"  {backend:<9} {label:<58} {ratio:8.2f}")
+        print(f"  {backend:<14} {label:<58} {ratio:8.2f}")
 
 
 def main() -> None:
@@ -265,7 +265,7 @@ def main() -> None:
     report = Report(machine=machine())
     report.settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if "url" not in k}
     print(f"mindtrace-jobs benchmarks on {report.machine['cpus']} CPUs, Python {report.machine['python']}, n={args.n}")
-    print(f"  {'backend':<9} {'scenario':<34} {'who':<10} {'value':>12} unit")
+    print(f"  {'backend':<14} {'scenario':<34} {'who':<10} {'value':>12} unit")
     if "facade" in only:
         facade.measure(report, 20_000)
     urls = {"memory": "memory://", "redis": args.redis_url, "rabbitmq": args.amqp_url}
