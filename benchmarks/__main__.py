@@ -1,12 +1,14 @@
-"""python -m benchmarks [--n N] [--rounds R] [--latency-n N] [--peer-n N] [--backends ...] [--json PATH].
+"""python -m benchmarks [--only SECTIONS] [--n N] [--rounds R] [--peer-n N] [--backends ...] [--json PATH].
 
 Per backend, in one process run: our publish (async, sync facade, publish_many), drain at concurrency 1, 16
 and 128, publish-to-start latency, each beside its raw-driver baseline; then the peers installed (each in a
-subprocess, see benchmarks/peers.py); then idle consumer CPU and resident memory per queued job. Throughput
-pairs that make a target ratio are measured side by side: ``--rounds`` interleaved rounds of ``n / rounds``
-jobs each, best round kept on both sides, so that a noisy neighbour skews both alike; each peer also runs
-``--rounds`` times and keeps its best. Prints the table, then every target with its measured figure, and
-writes all of it as JSON.
+subprocess, see benchmarks/peers.py); then idle consumer CPU and resident memory per queued job; then the job
+lifecycle (benchmarks/lifecycle.py: finish -> waiter wakes, status lookups, cancel -> run, drain with and
+without records, Redis memory per retained result). ``--only`` runs some sections: facade, core, peers,
+resources, lifecycle. Throughput pairs that make a target ratio are measured side by side: ``--rounds``
+interleaved rounds of ``n / rounds`` jobs each, best round kept on both sides, so that a noisy neighbour skews
+both alike; each peer also runs ``--rounds`` times and keeps its best. Prints the table, then every target
+with its measured figure, and writes all of it as JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from benchmarks import facade, ours, peers, raw, resources
+from benchmarks import facade, lifecycle, ours, peers, raw, resources
 from benchmarks.harness import Report, machine, percentile
 from mindtrace.jobs import LocalClient, from_url
 from mindtrace.jobs.backends.base import Backend
@@ -32,6 +34,7 @@ PEER_PUBLISH = "publish single"
 CONCURRENCIES = (1, 16, 128)
 #: The drain each backend is compared with peers at: ours is fastest at 1 in memory; brokers need 16.
 PEER_CONCURRENCY = {"memory": 1, "redis": 16, "rabbitmq": 16}
+SECTIONS = ("facade", "core", "peers", "resources", "lifecycle")
 RAW_NOTES = {
     "memory": ("PriorityQueue.put", None, "PriorityQueue.get", 1, "put -> get"),
     "redis": ("LPUSH", "pipelined LPUSH", "BRPOP", 1, "LPUSH -> blocked BRPOP"),
@@ -180,6 +183,10 @@ def targets(report: Report) -> list[dict[str, Any]]:
             ">=",
             0.5,
         )
+    for backend in ("memory", "redis", "rabbitmq+redis"):
+        ratio = report.get(backend, lifecycle.DRAIN_RATIO, "ours")
+        if ratio is not None:
+            add(backend, "drain with records / without (state=False)", ratio, ">=", 0.8)
     add(
         "facade",
         "no-op facade call / bare run_coroutine_threadsafe",
@@ -216,16 +223,19 @@ def informational(report: Report) -> list[tuple[str, str, float | None]]:
     return [line for line in lines if line[2] is not None]
 
 
-def _print_targets(rows: list[dict[str, Any]], info: list[tuple[str, str, float | None]]) -> None:
+def _print_targets(rows: list[dict[str, Any]], info: list[tuple[str, str, float | None]], every: bool) -> None:
+    """Every target (``every``), else only those this run measured (``--only`` some sections)."""
     print("\nTargets (figures from this run):")
     for row in rows:
+        if not every and row["value"] is None:
+            continue
         value = "n/a" if row["value"] is None else f"{row['value']:,.2f}"
         verdict = {True: "met", False: "NOT MET", None: "not measured"}[row["met"]]
         basis = f"  ({row['basis']})" if row["basis"] else ""
-        print(f"  {row['backend']:<9} {row['target']:<46} {value:>10} {row['op']} {row['bound']:<8g} {verdict}{basis}")
+        print(f"  {row['backend']:<14} {row['target']:<46} {value:>10} {row['op']} {row['bound']:<8g} {verdict}{basis}")
     print("\nFor context:")
     for backend, label, ratio in info:
-        print(f"  {backend:<9} {label:<58} {ratio:8.2f}")
+        print(f"  {backend:<14} {label:<58} {ratio:8.2f}")
 
 
 def main() -> None:
@@ -241,15 +251,23 @@ def main() -> None:
     parser.add_argument(
         "--amqp-url", default=os.environ.get("MINDTRACE_JOBS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     )
+    parser.add_argument("--lifecycle-n", type=int, default=200, help="jobs for the lifecycle percentiles")
+    parser.add_argument("--lifecycle-drain-n", type=int, default=6000, help="jobs per lifecycle drain side")
+    parser.add_argument("--lifecycle-mem-n", type=int, default=2000, help="retained results for Redis memory (0: skip)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, of {','.join(SECTIONS)}")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/latest.json"))
     args = parser.parse_args()
     args.rounds = max(1, args.rounds)
+    only = set(args.only.split(","))
+    if only - set(SECTIONS):
+        parser.error(f"--only takes some of {','.join(SECTIONS)}, not {','.join(sorted(only - set(SECTIONS)))}")
 
     report = Report(machine=machine())
     report.settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if "url" not in k}
     print(f"mindtrace-jobs benchmarks on {report.machine['cpus']} CPUs, Python {report.machine['python']}, n={args.n}")
-    print(f"  {'backend':<9} {'scenario':<34} {'who':<10} {'value':>12} unit")
-    facade.measure(report, 20_000)
+    print(f"  {'backend':<14} {'scenario':<34} {'who':<10} {'value':>12} unit")
+    if "facade" in only:
+        facade.measure(report, 20_000)
     urls = {"memory": "memory://", "redis": args.redis_url, "rabbitmq": args.amqp_url}
     reachable: dict[str, str] = {}
     for name in args.backends.split(","):
@@ -259,18 +277,21 @@ def main() -> None:
             continue
         reachable[name] = url
         factory: Callable[[], Backend] = LocalClient if name == "memory" else (lambda u=url: from_url(u))
-        asyncio.run(run_backend(report, name, factory, url, args))
-        if args.peer_n > 0:
+        if "core" in only:
+            asyncio.run(run_backend(report, name, factory, url, args))
+        if "peers" in only and args.peer_n > 0:
             # Peers get rounds as ours does; in memory, rounds as long as ours (jobs there take microseconds).
             peer_n = max(1, (args.n if name == "memory" else args.peer_n) // args.rounds)
             peers.measure(report, name, url, peer_n, PEER_CONCURRENCY[name], args.rounds)
-        if name == "memory" and args.rss_n > 0:
+        if "resources" in only and name == "memory" and args.rss_n > 0:
             resources.memory_per_100k(report, args.rss_n)
-    if args.idle_seconds > 0 and reachable:
+    if "resources" in only and args.idle_seconds > 0 and reachable:
         resources.idle_cpu(report, reachable, args.idle_seconds)
+    if "lifecycle" in only:
+        lifecycle.measure(report, args.backends.split(","), urls, lambda u: u == "memory://" or _reachable(u), args)
     rows = targets(report)
     info = informational(report)
-    _print_targets(rows, info)
+    _print_targets(rows, info, every=only == set(SECTIONS))
     report.targets = rows
     report.write_json(args.json)
     print(f"\nJSON written to {args.json}")

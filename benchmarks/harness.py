@@ -36,7 +36,7 @@ class Report:
     def add(self, backend: str, scenario: str, who: str, value: float, unit: str, note: str = "") -> Row:
         row = Row(backend, scenario, who, value, unit, note)
         self.rows.append(row)
-        print(f"  {backend:<9} {scenario:<34} {who:<10} {_fmt(value):>12} {unit:<8} {note}", flush=True)
+        print(f"  {backend:<14} {scenario:<34} {who:<10} {_fmt(value):>12} {unit:<8} {note}", flush=True)
         return row
 
     def get(self, backend: str, scenario: str, who: str) -> float | None:
@@ -59,7 +59,7 @@ class Report:
     def skip(self, backend: str, who: str, reason: str) -> None:
         """Record (and print) a measurement that could not be made."""
         self.skipped.append(f"{backend}: {who}: {reason}")
-        print(f"  {backend:<9} {who:<34} {'':<10} {'':>12} {reason}", flush=True)
+        print(f"  {backend:<14} {who:<34} {'':<10} {'':>12} {reason}", flush=True)
 
 
 def _fmt(value: float) -> str:

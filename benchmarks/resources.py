@@ -98,7 +98,7 @@ def idle_cpu(report: Report, urls: dict[str, str], seconds: float) -> None:
             result = _result(process, seconds + 60)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             process.kill()
-            print(f"  {backend:<9} idle consumer CPU failed: {exc}")
+            print(f"  {backend:<14} idle consumer CPU failed: {exc}")
             continue
         report.add(backend, f"idle consumer CPU over {seconds:g}s", "ours", result["cpu_percent"], "%")
 
