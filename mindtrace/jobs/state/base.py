@@ -4,7 +4,7 @@ A state store keeps one record per job (:class:`~mindtrace.jobs.lifecycle.JobInf
 job when its record changes (never by polling), and carries cancel requests to the consumers of a queue.
 The orchestrator writes the QUEUED record with each publish and the terminal record with each settle; the
 consumer writes RUNNING and progress. A store that ``settles_with`` a backend has those writes done by the
-backend itself, inside the same atomic step as the publish or settle (memory, Redis), so the queue and the
+backend itself, inside the same atomic step as the publish or settle (memory today), so the queue and the
 records can never disagree after a crash; any other store is written just before the broker is told (a
 crash in between re-runs the job, and the first terminal record wins: see ``JobInfo.apply``).
 
