@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from benchmarks import facade, lifecycle, ours, peers, raw, resources
-from benchmarks.harness import Report, machine, percentile
+from benchmarks.harness import Report, best_of, machine, percentile
 from mindtrace.jobs import LocalClient, from_url
 from mindtrace.jobs.backends.base import Backend
 
@@ -51,15 +51,6 @@ def _reachable(url: str) -> bool:
         return False
 
 
-async def _best_of(rounds: int, measures: dict[str, Callable[[], Awaitable[float]]]) -> dict[str, float]:
-    """Interleave ``rounds`` rounds of every measure; the best (highest) figure of each."""
-    best = dict.fromkeys(measures, 0.0)
-    for _ in range(rounds):
-        for who, measure in measures.items():
-            best[who] = max(best[who], await measure())
-    return best
-
-
 def _raw_for(name: str, url: str) -> Any:
     if name == "memory":
         return raw.RawMemory()
@@ -74,7 +65,7 @@ async def run_backend(report: Report, name: str, factory: Callable[[], Backend],
     publish_note, many_note, drain_note, raw_concurrency, latency_note = RAW_NOTES[name]
     baseline = _raw_for(name, url)
     try:
-        best = await _best_of(
+        best = await best_of(
             args.rounds,
             {
                 "ours": lambda: ours.publish_async(factory, per),
@@ -89,7 +80,7 @@ async def run_backend(report: Report, name: str, factory: Callable[[], Backend],
         measures: dict[str, Callable[[], Awaitable[float]]] = {"ours": lambda: ours.publish_many(factory, per)}
         if many_note:
             measures["raw"] = lambda: baseline.publish_many(per, 500)
-        best = await _best_of(args.rounds, measures)
+        best = await best_of(args.rounds, measures)
         report.add(name, PUBLISH_MANY, "ours", best["ours"], "jobs/s")
         if many_note:
             report.add(name, PUBLISH_MANY, "raw", best["raw"], "jobs/s", many_note)
@@ -102,7 +93,7 @@ async def run_backend(report: Report, name: str, factory: Callable[[], Backend],
             measures = {"ours": drain}
             if concurrency == raw_concurrency:
                 measures["raw"] = lambda: baseline.drain(per, raw_concurrency)
-            best = await _best_of(args.rounds, measures)
+            best = await best_of(args.rounds, measures)
             report.add(name, f"drain c={concurrency}", "ours", best["ours"], "jobs/s")
             if "raw" in best:
                 report.add(name, f"drain c={concurrency}", "raw", best["raw"], "jobs/s", drain_note)

@@ -6,6 +6,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,3 +101,12 @@ def rate(count: int, seconds: float) -> float:
 def median(values: list[float]) -> float:
     """The median of values."""
     return statistics.median(values)
+
+
+async def best_of(rounds: int, measures: dict[str, Callable[[], Awaitable[float]]]) -> dict[str, float]:
+    """Interleave ``rounds`` rounds of every measure; the best (highest) figure of each."""
+    best = dict.fromkeys(measures, 0.0)
+    for _ in range(rounds):
+        for who, measure in measures.items():
+            best[who] = max(best[who], await measure())
+    return best

@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.harness import Report, median, percentile, rate
+from benchmarks.harness import Report, best_of, median, percentile, rate
 from benchmarks.ours import make_jobs, queue_name
 from mindtrace.jobs import AsyncConsumer, AsyncOrchestrator, Job, LocalClient, from_url
 from mindtrace.jobs.backends.base import Backend, Delivery
@@ -317,14 +317,6 @@ async def redis_memory(config: Config, n: int, rounds: int = 3) -> tuple[float, 
     return median(deltas), median(usages), deltas
 
 
-async def _best_of(rounds: int, measures: dict[str, Callable[[], Awaitable[float]]]) -> dict[str, float]:
-    best = dict.fromkeys(measures, 0.0)
-    for _ in range(rounds):
-        for who, measure in measures.items():
-            best[who] = max(best[who], await measure())
-    return best
-
-
 DRAIN_RATIO = "drain records / no records"
 
 
@@ -368,7 +360,7 @@ async def run_config(report: Report, config: Config, args: Any) -> None:
         name, "status lookup p50", "reattached", percentile(looked["reattached"], 50), "ms", "orch.job(id, q).info()"
     )
     per = max(1, args.lifecycle_drain_n // args.rounds)
-    best = await _best_of(
+    best = await best_of(
         args.rounds,
         {"records": lambda: drain(config, per, True), "no-records": lambda: drain(config, per, False)},
     )
