@@ -52,6 +52,19 @@ class StateCapabilities:
     survives_restart: bool
 
 
+async def changed(event: asyncio.Event, deadline: float | None) -> bool:
+    """Sleep until ``event`` is set (then clear it: True) or ``deadline`` (event loop time; None: no limit)
+    passes (False): how a store's watch waits for the next change of its record."""
+    loop = asyncio.get_running_loop()
+    timeout = None if deadline is None else max(0.0, deadline - loop.time())
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        return False
+    event.clear()
+    return True
+
+
 class Watch(abc.ABC):
     """One job's record, followed: ``async with store.watch(queue, job_id) as w: info = await w.next(deadline)``.
 

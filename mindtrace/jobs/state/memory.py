@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus, StateUpdate
-from mindtrace.jobs.state.base import CancelCallback, CancelListener, StateCapabilities, StateStore, Watch
+from mindtrace.jobs.state.base import CancelCallback, CancelListener, StateCapabilities, StateStore, Watch, changed
 
 if TYPE_CHECKING:
     from mindtrace.jobs.backends.base import Backend
@@ -30,13 +30,8 @@ class _MemoryWatch(Watch):
         if self._first:
             self._first = False
             return self._store._read(self._key)
-        loop = asyncio.get_running_loop()
-        timeout = None if deadline is None else max(0.0, deadline - loop.time())
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except asyncio.TimeoutError:
+        if not await changed(self._changed, deadline):
             return None
-        self._changed.clear()
         return self._store._read(self._key)
 
     async def close(self) -> None:

@@ -17,7 +17,7 @@ from mindtrace.jobs.backends.redis.connection import _RETRY_BASE, _RETRY_CAP, Re
 from mindtrace.jobs.constants import DLQ_SUFFIX, OPERATION_TIMEOUT, REDIS_KEY_PREFIX, RESULT_TTL
 from mindtrace.jobs.errors import BackendError, ClosedError
 from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus, StateUpdate
-from mindtrace.jobs.state.base import CancelCallback, CancelListener, StateCapabilities, StateStore, Watch
+from mindtrace.jobs.state.base import CancelCallback, CancelListener, StateCapabilities, StateStore, Watch, changed
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -222,14 +222,9 @@ class _RedisWatch(Watch):
                 return None
             self._first = False
             return await self._read(deadline)
-        while True:
-            timeout = None if deadline is None else max(0.0, deadline - loop.time())
-            try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
-            except asyncio.TimeoutError:
-                return None
-            self._changed.clear()
-            return await self._read(deadline)
+        if not await changed(self._changed, deadline):
+            return None
+        return await self._read(deadline)
 
     async def _read(self, deadline: float | None) -> JobInfo | None:
         """The record now; while the store cannot be reached, read again on its reconnect (or after a backoff)."""

@@ -15,6 +15,8 @@
 --
 -- set_deadline(leases, id, at) moves a leased message's deadline to ``at``.
 --
+-- retain(rec, idx, id, ttl, at) starts the retention of a job record that became terminal (state scripts).
+--
 -- Every script removes before it adds: on a full server (maxmemory with noeviction) Redis refuses a script
 -- whose first write is a command that may grow memory (ZADD, HSET, INCR, RPUSH), and lets it go on once it
 -- has written. A removal first (ZREM, ZPOPMIN, HDEL) lets a full server still claim, settle and drain.
@@ -64,3 +66,14 @@ local function wake(list)
   end
 end
 
+local function retain(rec, idx, id, ttl, at)
+  -- A record that became terminal at ``at`` (ms) is kept ``ttl`` ms ("" : kept), its index entry scored by
+  -- its expiry; index entries of records already past retention are dropped.
+  if ttl ~= '' then
+    redis.call('PEXPIRE', rec, ttl)
+    redis.call('ZADD', idx, at + tonumber(ttl), id)
+  else
+    redis.call('ZADD', idx, '+inf', id)
+  end
+  redis.call('ZREMRANGEBYSCORE', idx, '-inf', '(' .. at)
+end

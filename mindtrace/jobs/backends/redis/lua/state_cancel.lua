@@ -30,11 +30,6 @@ if status == 'running' then
     return 'cancelling'
 end
 redis.call('HSET', rec, 'e' .. n, cancelled, 's', 'cancelled', 't', '1')
-if ttl ~= '' then
-    redis.call('PEXPIRE', rec, ttl)
-    redis.call('ZADD', idx, at + tonumber(ttl), id)
-else
-    redis.call('ZADD', idx, '+inf', id)
-end
+retain(rec, idx, id, ttl, at)
 redis.call('PUBLISH', channel, 'status')
 return 'cancelled'

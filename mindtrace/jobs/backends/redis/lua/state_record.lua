@@ -42,13 +42,7 @@ else
     end
     if terminal == '1' then
         redis.call('HSET', rec, 't', '1')
-        if ttl ~= '' then
-            redis.call('PEXPIRE', rec, ttl)
-            redis.call('ZADD', idx, at + tonumber(ttl), id)
-        else
-            redis.call('ZADD', idx, '+inf', id)
-        end
-        redis.call('ZREMRANGEBYSCORE', idx, '-inf', '(' .. at)  -- index entries of records past retention
+        retain(rec, idx, id, ttl, at)
     else
         redis.call('ZADD', idx, '+inf', id)
     end
