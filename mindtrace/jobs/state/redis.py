@@ -68,11 +68,6 @@ class _Subscriber:
         self._opened_before = False
         self._closed = False
 
-    @property
-    def connected(self) -> bool:
-        """Whether the pub/sub connection is open and subscribed."""
-        return self._pubsub is not None and self._resync_left == 0
-
     async def subscribe(self, channel: str, handler: _Handler) -> None:
         """Call ``handler(data)`` for each message on ``channel``; returns once the subscription is in place."""
         if self._closed:
@@ -346,8 +341,7 @@ class RedisStateStore(StateStore):
         :meth:`RedisClient.from_url <mindtrace.jobs.RedisClient.from_url>` (``key_prefix`` included)."""
         from mindtrace.jobs.backends.redis import RedisClient
 
-        store = RedisClient.from_url(url, **kwargs).state_store()
-        return store
+        return RedisClient.from_url(url, **kwargs).state_store()
 
     def describe(self) -> str:
         return self._connection.backend
