@@ -435,7 +435,6 @@ class AsyncConsumer(abc.ABC):
 
     async def _execute(self, delivery: Delivery, job: Job, worker: asyncio.Task[None]) -> Outcome:
         """Run ``job`` with its context, unless a cancel of it is already known; the outcome to settle."""
-        orchestrator = self.orchestrator
         limit = job.timeout if job.timeout is not None else self.timeout
         context = JobContext(
             job.id, delivery.queue, job.attempts + 1, self.worker_id, None if limit is None else time.time() + limit
@@ -449,8 +448,6 @@ class AsyncConsumer(abc.ABC):
             # RUNNING is recorded before the cancel check: a cancel that comes after the check then finds the
             # job running and reaches this consumer (one that came before is in the record the check reads).
             await self._record_started(run)
-            if orchestrator.records and not context.cancelled:
-                await self._check_cancelled(run)
             if context.cancelled:
                 logger.info("job %s from %r was cancelled before it started: settled unrun", job.id, delivery.queue)
                 return cancelled(job, context.cancel_reason)
@@ -472,25 +469,18 @@ class AsyncConsumer(abc.ABC):
         return outcome
 
     async def _record_started(self, run: _Run) -> None:
+        """Record RUNNING and check for a cancel of the job, in that order (one step on stores that can)."""
         try:
-            await self.orchestrator.record_started(run.delivery.queue, run.job, self.worker_id)
+            reason = await self.orchestrator.record_started(run.delivery.queue, run.job, self.worker_id)
         except BackendError as exc:
             logger.warning(
-                "could not record job %s from %r as running (running it anyway): %s",
+                "could not record job %s from %r as running, nor check for a cancel of it (running it anyway): %s",
                 run.job.id,
                 run.delivery.queue,
                 exc,
             )
-
-    async def _check_cancelled(self, run: _Run) -> None:
-        try:
-            reason = await self.orchestrator.state.cancel_requested(run.delivery.queue, run.job.id)
-        except BackendError as exc:
-            logger.warning(
-                "could not check for a cancel of job %s from %r (running it): %s", run.job.id, run.delivery.queue, exc
-            )
             return
-        if reason is not None:
+        if reason is not None and not run.context.cancelled:
             self._cancel(run, reason or None)
 
     async def _run(self, run: _Run) -> tuple[BaseException | None, Any, bool]:

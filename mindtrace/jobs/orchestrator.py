@@ -178,11 +178,15 @@ class AsyncOrchestrator:
         self._check_open()
         return await self.state.cancel(validate_queue_name(queue), job_id, reason)
 
-    async def record_started(self, queue: str, job: Job, worker: str) -> None:
-        """For the consumer: ``job`` started running on ``worker`` (its record becomes RUNNING)."""
-        if self.records and not queue.endswith(DLQ_SUFFIX):
-            update = StateUpdate(job.id, JobStatus.RUNNING, attempts=job.attempts + 1, worker=worker)
-            await self.state.record(queue, update)
+    async def record_started(self, queue: str, job: Job, worker: str) -> str | None:
+        """For the consumer: ``job`` started running on ``worker`` (its record becomes RUNNING); then the
+        reason of a cancel of it ("" without one) if it was cancelled, else None (``StateStore.started``)."""
+        if not self.records:
+            return None
+        if queue.endswith(DLQ_SUFFIX):  # a dead-letter queue's jobs keep no records of their own
+            return await self.state.cancel_requested(queue, job.id)
+        update = StateUpdate(job.id, JobStatus.RUNNING, attempts=job.attempts + 1, worker=worker)
+        return await self.state.started(queue, update)
 
     async def record_progress(self, queue: str, job_id: str, progress: Progress) -> None:
         """For the consumer: the latest progress of a running job."""

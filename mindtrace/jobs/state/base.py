@@ -4,9 +4,9 @@ A state store keeps one record per job (:class:`~mindtrace.jobs.lifecycle.JobInf
 job when its record changes (never by polling), and carries cancel requests to the consumers of a queue.
 The orchestrator writes the QUEUED record with each publish and the terminal record with each settle; the
 consumer writes RUNNING and progress. A store that ``settles_with`` a backend has those writes done by the
-backend itself, inside the same atomic step as the publish or settle (memory today), so the queue and the
-records can never disagree after a crash; any other store is written just before the broker is told (a
-crash in between re-runs the job, and the first terminal record wins: see ``JobInfo.apply``).
+backend itself, inside the same atomic step as the publish or settle (memory, and Redis with its own store),
+so the queue and the records can never disagree after a crash; any other store is written just before the
+broker is told (a crash in between re-runs the job, and the first terminal record wins: see ``JobInfo.apply``).
 
 Like a backend, a store is bound to the first event loop that uses it.
 """
@@ -193,6 +193,15 @@ class StateStore(abc.ABC):
         """Cancel the job: a job not started never starts (see ``capabilities.exact_cancel``) and its record
         becomes CANCELLED; a running one gets a cancel request its consumer hears; a finished one is left
         intact. A request holds even while no consumer runs: one that starts later honours it."""
+
+    async def started(self, queue: str, update: StateUpdate) -> str | None:
+        """A consumer starts a job: record ``update`` (RUNNING), then answer :meth:`cancel_requested`.
+
+        In this order, so a cancel that comes after the answer finds the job running (and reaches its consumer)
+        and one that came before is in the answer. A store may do both in one round trip.
+        """
+        await self.record(queue, update)
+        return await self.cancel_requested(queue, update.job_id)
 
     @abc.abstractmethod
     async def cancel_requested(self, queue: str, job_id: str) -> str | None:

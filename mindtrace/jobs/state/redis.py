@@ -22,6 +22,9 @@ from mindtrace.jobs.state.base import CancelCallback, CancelListener, StateCapab
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
+    from mindtrace.jobs.backends.base import Backend
+    from mindtrace.jobs.backends.redis import RedisClient
+
 logger = logging.getLogger("mindtrace.jobs")
 
 #: Job ids per call of the forgetting script (purges and queue deletions), to bound the time it holds Redis.
@@ -67,6 +70,9 @@ class _Subscriber:
         self._resync_left = 0
         self._opened_before = False
         self._closed = False
+        # Orders SUBSCRIBE and UNSUBSCRIBE of one channel as they were asked for: an UNSUBSCRIBE sent after a
+        # new SUBSCRIBE of the channel would leave its new follower deaf.
+        self._commands = asyncio.Lock()
 
     async def subscribe(self, channel: str, handler: _Handler) -> None:
         """Call ``handler(data)`` for each message on ``channel``; returns once the subscription is in place."""
@@ -84,7 +90,8 @@ class _Subscriber:
             self._reader = asyncio.ensure_future(self._read())
         elif first and self._pubsub is not None:
             try:
-                await self._pubsub.subscribe(channel)
+                async with self._commands:
+                    await self._pubsub.subscribe(channel)
             except (RedisError, OSError) as exc:  # the reader reconnects and subscribes it then
                 logger.debug("subscribe to %s failed (resubscribed on reconnect): %s", channel, exc)
         try:
@@ -106,10 +113,12 @@ class _Subscriber:
             task = asyncio.ensure_future(self._leave(self._pubsub, channel))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    @staticmethod
-    async def _leave(pubsub: Any, channel: str) -> None:
-        with contextlib.suppress(RedisError, OSError):  # a connection gone takes its subscriptions with it
-            await pubsub.unsubscribe(channel)
+    async def _leave(self, pubsub: Any, channel: str) -> None:
+        async with self._commands:
+            if channel in self._handlers or pubsub is not self._pubsub:
+                return  # followed again meanwhile, or the connection is gone with its subscriptions
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.unsubscribe(channel)
 
     async def _open(self) -> None:
         client = self._connection.subscriber()
@@ -307,25 +316,37 @@ class RedisStateStore(StateStore):
     """Job records in Redis, for any broker (the default of a RedisClient; give a ``redis://`` URL as the
     ``state`` of an orchestrator over RabbitMQ).
 
-    One hash per job under its queue's hash tag, changed only by Lua scripts that apply the merge rule's
-    effects (``state_record.lua``): a read folds the hash's updates with ``JobInfo.apply``, so the rule has one
+    One hash per job under its queue's hash tag, changed only by Lua that applies the merge rule's effects
+    (``record()`` in ``lib.lua``): a read folds the hash's updates with ``JobInfo.apply``, so the rule has one
     implementation. A terminal record expires by the server after its retention. Watchers subscribe to the
     job's channel on one shared pub/sub connection, then read; they wake on a message and read again after a
     reconnect. A cancel is one script that checks the record and, for a job not running, makes it CANCELLED
-    in the same step; a consumer records RUNNING before it checks for a cancel, so a cancelled queued job never
-    starts (``exact_cancel``). The records are written just before the broker is told (``atomic_settles`` is
-    False: a crash in between re-runs the job, and its first terminal record wins). Build it with
-    :meth:`from_url`, which takes RedisClient's URL and options.
+    in the same step; a consumer records RUNNING and reads the cancel flag in one script, so a cancelled queued
+    job never starts (``exact_cancel``). The store of a RedisClient (``client.state_store()``) is written by
+    that client's own publish and settle scripts, in the same step (``atomic_settles``); a store built by
+    :meth:`from_url` for another broker is written just before that broker is told (a crash in between re-runs
+    the job, and its first terminal record wins). Build it with :meth:`from_url`, which takes RedisClient's
+    URL and options.
     """
 
-    capabilities = StateCapabilities(
-        exact_cancel=True, cancel_race=0.0, direct_lookup=True, atomic_settles=False, survives_restart=True
-    )
-
     def __init__(
-        self, connection: RedisConnection, *, key_prefix: str = REDIS_KEY_PREFIX, cancelled_ttl: float = RESULT_TTL
+        self,
+        connection: RedisConnection,
+        *,
+        key_prefix: str = REDIS_KEY_PREFIX,
+        cancelled_ttl: float = RESULT_TTL,
+        owner: RedisClient | None = None,
     ) -> None:
         self._connection = connection
+        #: The RedisClient whose publishes and settles write these records in the same script (its own store).
+        self._owner = owner
+        self.capabilities = StateCapabilities(
+            exact_cancel=True,
+            cancel_race=0.0,
+            direct_lookup=True,
+            atomic_settles=owner is not None,
+            survives_restart=True,
+        )
         self.key_prefix = key_prefix
         #: How long the record of a job cancelled before it ran is kept (seconds).
         self.cancelled_ttl = cancelled_ttl
@@ -341,10 +362,14 @@ class RedisStateStore(StateStore):
         :meth:`RedisClient.from_url <mindtrace.jobs.RedisClient.from_url>` (``key_prefix`` included)."""
         from mindtrace.jobs.backends.redis import RedisClient
 
-        return RedisClient.from_url(url, **kwargs).state_store()
+        client = RedisClient.from_url(url, **kwargs)
+        return cls(client.new_connection(), key_prefix=client.key_prefix)
 
     def describe(self) -> str:
         return self._connection.backend
+
+    def settles_with(self, backend: Backend) -> bool:
+        return backend is self._owner
 
     # -- keys ---------------------------------------------------------------------------------------
 
@@ -352,10 +377,12 @@ class RedisStateStore(StateStore):
         stem = queue[: -len(DLQ_SUFFIX)] if queue.endswith(DLQ_SUFFIX) else queue
         return f"{self.key_prefix}{{{stem}}}{queue[len(stem) :]}:"
 
-    def _record_key(self, queue: str, job_id: str) -> str:
+    def record_key(self, queue: str, job_id: str) -> str:
+        """The hash of the record of ``job_id`` on ``queue`` (under the queue's hash tag)."""
         return f"{self._base(queue)}job:{job_id}"
 
-    def _index_key(self, queue: str) -> str:
+    def index_key(self, queue: str) -> str:
+        """The sorted set indexing the records of ``queue`` (job id -> expiry ms; +inf while not terminal)."""
         return f"{self._base(queue)}jobs"
 
     def _cancel_stream(self, queue: str) -> str:
@@ -400,7 +427,8 @@ class RedisStateStore(StateStore):
 
     # -- writes -------------------------------------------------------------------------------------
 
-    def _record_args(self, queue: str, update: StateUpdate) -> list[str]:
+    def record_args(self, queue: str, update: StateUpdate) -> list[str]:
+        """The eight arguments of a script writing ``update`` (state_record.lua; the owner's scripts too)."""
         terminal = update.kind == "status" and update.status.terminal
         ttl = "" if update.ttl is None else str(max(1, math.ceil(update.ttl * 1000)))
         return [
@@ -414,14 +442,24 @@ class RedisStateStore(StateStore):
             self._event_channel(queue, update.job_id),
         ]
 
+    def record_keys(self, queue: str, update: StateUpdate) -> list[str]:
+        """The record hash and the index a script writing ``update`` takes (the owner's settle scripts too)."""
+        return [self.record_key(queue, update.job_id), self.index_key(queue)]
+
     async def record(self, queue: str, update: StateUpdate) -> None:
         await self._ensure_connected()
-        keys = [self._record_key(queue, update.job_id), self._index_key(queue)]
-        await self._connection.run("state_record", keys, self._record_args(queue, update))
+        await self._connection.run("state_record", self.record_keys(queue, update), self.record_args(queue, update))
+
+    async def started(self, queue: str, update: StateUpdate) -> str | None:
+        await self._ensure_connected()
+        reason = await self._connection.run(
+            "state_start", self.record_keys(queue, update), self.record_args(queue, update)
+        )
+        return None if reason is None else _text(reason)
 
     async def _forget(self, queue: str, before: float | None, terminal_too: bool) -> None:
         await self._ensure_connected()
-        index = self._index_key(queue)
+        index = self.index_key(queue)
         with self._connection.io():
             members = [
                 _text(member)
@@ -441,7 +479,7 @@ class RedisStateStore(StateStore):
     async def forget_queue(self, queue: str) -> None:
         await self._forget(queue, None, terminal_too=True)
         with self._connection.io():
-            await self._connection.commands.delete(self._index_key(queue), self._cancel_stream(queue))
+            await self._connection.commands.delete(self.index_key(queue), self._cancel_stream(queue))
 
     # -- reads --------------------------------------------------------------------------------------
 
@@ -452,7 +490,7 @@ class RedisStateStore(StateStore):
     async def _read(self, queue: str, job_id: str) -> dict[str, Any]:
         """The record's hash, read by a script so that concurrent reads share one pipelined round trip."""
         await self._ensure_connected()
-        flat = await self._connection.run("state_read", [self._record_key(queue, job_id)], [])
+        flat = await self._connection.run("state_read", [self.record_key(queue, job_id)], [])
         return {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
 
     def watch(self, queue: str, job_id: str) -> Watch:
@@ -465,7 +503,7 @@ class RedisStateStore(StateStore):
         at = time.time()
         cancelled = StateUpdate(job_id, JobStatus.CANCELLED, at, reason=reason, ttl=self.cancelled_ttl)
         request = StateUpdate(job_id, JobStatus.RUNNING, at, reason=reason, kind="cancel")
-        keys = [self._record_key(queue, job_id), self._index_key(queue), self._cancel_stream(queue)]
+        keys = [self.record_key(queue, job_id), self.index_key(queue), self._cancel_stream(queue)]
         args = [
             json.dumps(cancelled.to_fields(), separators=(",", ":")),
             json.dumps(request.to_fields(), separators=(",", ":")),

@@ -526,3 +526,30 @@ async def test_an_idle_consumer_makes_almost_no_calls_and_a_publish_reaches_it_a
         # "At once" against polling: a receiver that polled would wait up to its 5-s block; a wake-up under
         # 1 s (typically ~3 ms; a noisy, shared machine has shown 0.25 s) is the push path.
         assert max(latencies) < 1.0, latencies
+
+
+# -- job records ------------------------------------------------------------------------------------
+
+
+async def test_a_watch_opened_as_another_of_the_same_job_closes_still_hears_the_change(redis_url: str) -> None:
+    """Closing the last watch of a job sends UNSUBSCRIBE later, from a task: a new watch of the same job that
+    subscribes meanwhile must not be unsubscribed by it (it would sleep through the job's end)."""
+    from mindtrace.jobs.lifecycle import JobStatus, StateUpdate
+
+    store = RedisClient.from_url(redis_url).state_store()
+    queue = f"t-watch-{uuid.uuid4().hex[:8]}"
+    try:
+        for round_ in range(30):
+            job_id = f"job-{round_}"
+            await store.record(queue, StateUpdate(job_id, JobStatus.QUEUED, kind="published"))
+            first = store.watch(queue, job_id)
+            assert (await first.next(None)).status is JobStatus.QUEUED  # type: ignore[union-attr]
+            await first.close()  # its UNSUBSCRIBE is now due...
+            async with store.watch(queue, job_id) as second:  # ...while this one subscribes
+                assert (await second.next(None)).status is JobStatus.QUEUED  # type: ignore[union-attr]
+                await store.record(queue, StateUpdate(job_id, JobStatus.SUCCEEDED, attempts=1, ttl=60))
+                woken = await second.next(asyncio.get_running_loop().time() + 5)
+                assert woken is not None and woken.status is JobStatus.SUCCEEDED, f"round {round_}: not woken"
+    finally:
+        await store.forget_queue(queue)
+        await store.close()

@@ -15,7 +15,7 @@ import logging
 import math
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from mindtrace.jobs.backends._endpoint import Endpoint
 from mindtrace.jobs.backends.base import (
@@ -168,21 +168,25 @@ class RedisClient(Backend):
         self._state: RedisStateStore | None = None
 
     def state_store(self) -> RedisStateStore:
-        """This client's job records: a RedisStateStore on the same server, with its own connections (made once)."""
+        """This client's job records: a RedisStateStore on the same server, with its own connections, written by
+        this client's publish and settle scripts in the same step (made once)."""
         if self._state is None:
             from mindtrace.jobs.state.redis import RedisStateStore
 
-            connection = RedisConnection(
-                endpoint=self.endpoint,
-                password=self._password,
-                ssl_ca_certs=self.ssl_ca_certs,
-                ssl_cert_reqs=self.ssl_cert_reqs,
-                operation_timeout=self.operation_timeout,
-                connection_retries=self.connection_retries,
-                connect_timeout=self.connect_timeout,
-            )
-            self._state = RedisStateStore(connection, key_prefix=self.key_prefix)
+            self._state = RedisStateStore(self.new_connection(), key_prefix=self.key_prefix, owner=self)
         return self._state
+
+    def new_connection(self) -> RedisConnection:
+        """A new, unopened RedisConnection to this client's server, with its options (for a state store)."""
+        return RedisConnection(
+            endpoint=self.endpoint,
+            password=self._password,
+            ssl_ca_certs=self.ssl_ca_certs,
+            ssl_cert_reqs=self.ssl_cert_reqs,
+            operation_timeout=self.operation_timeout,
+            connection_retries=self.connection_retries,
+            connect_timeout=self.connect_timeout,
+        )
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisClient:
@@ -280,6 +284,14 @@ class RedisClient(Backend):
         for delivery in deliveries:
             await self._release(delivery)
 
+    def _with_record(
+        self, queue: str, state: StateUpdate | None, keys: list[Any], args: list[Any]
+    ) -> tuple[list[Any], list[Any]]:
+        """A script's keys and arguments, followed by the record's when ``state`` is given (own store only)."""
+        if state is None or self._state is None:
+            return keys, args
+        return [*keys, *self._state.record_keys(queue, state)], [*args, *self._state.record_args(queue, state)]
+
     def _lease_lost(self, delivery: Delivery, job_id: str | None = None) -> LeaseLostError:
         return LeaseLostError(
             queue=delivery.queue, job_id=job_id or peek_job_id(delivery.body), backend=self.describe()
@@ -304,20 +316,31 @@ class RedisClient(Backend):
 
     async def _publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
         keys = self._keys(queue)
-        script_keys = [keys.meta, keys.sequence, keys.ready, keys.bodies, keys.wake]
+        base_keys = [keys.meta, keys.sequence, keys.ready, keys.bodies, keys.wake]
         chunks = [messages[i : i + _PUBLISH_CHUNK] for i in range(0, len(messages), _PUBLISH_CHUNK)]
+        # The orchestrator gives every message its QUEUED record, or none: written by the script (own store).
+        store = self._state if all(message.state is not None for message in messages) else None
 
-        def args(chunk: Sequence[OutgoingMessage]) -> list[Any]:
-            return [value for message in chunk for value in (message.priority, message.job_id, message.body)]
+        def call(chunk: Sequence[OutgoingMessage]) -> tuple[list[Any], list[Any]]:
+            if store is None:
+                return base_keys, [value for m in chunk for value in (m.priority, m.job_id, m.body)]
+            script_keys = [*base_keys, store.index_key(queue), *(store.record_key(queue, m.job_id) for m in chunk)]
+            args = [
+                value
+                for m in chunk
+                for value in (m.priority, m.job_id, m.body, *store.record_args(queue, cast(StateUpdate, m.state)))
+            ]
+            return script_keys, args
 
         if len(chunks) == 1:
-            queued = [await self._connection.run("publish", script_keys, args(chunks[0]))]
+            queued = [await self._connection.run("publish", *call(chunks[0]))]
         else:
             # One transaction: all chunks are queued, or (undeclared queue) none.
             with self._connection.io():
                 async with self._connection.commands.pipeline(transaction=True) as pipe:
                     for chunk in chunks:
-                        await self._connection.script("publish")(keys=script_keys, args=args(chunk), client=pipe)
+                        script_keys, args = call(chunk)
+                        await self._connection.script("publish")(keys=script_keys, args=args, client=pipe)
                     queued = await pipe.execute()
         if queued[0] < 0:
             raise QueueNotFoundError(queue)
@@ -339,8 +362,12 @@ class RedisClient(Backend):
         keys, lease = self._keys(delivery.queue), delivery.handle
         done = await self._connection.run(
             "ack",
-            [keys.leases, keys.tokens, keys.ranks, keys.bodies, keys.deliveries],
-            [lease.message_id, lease.token],
+            *self._with_record(
+                delivery.queue,
+                state,
+                [keys.leases, keys.tokens, keys.ranks, keys.bodies, keys.deliveries],
+                [lease.message_id, lease.token],
+            ),
         )
         if done < 0:
             raise self._lease_lost(delivery)
@@ -351,8 +378,12 @@ class RedisClient(Backend):
         keys, lease = self._keys(delivery.queue), delivery.handle
         await self._connection.run(
             "release",
-            [keys.ready, keys.leases, keys.tokens, keys.ranks, keys.deliveries, keys.wake],
-            [lease.message_id, lease.token],
+            *self._with_record(
+                delivery.queue,
+                state,
+                [keys.ready, keys.leases, keys.tokens, keys.ranks, keys.deliveries, keys.wake],
+                [lease.message_id, lease.token],
+            ),
         )
 
     async def _retry(
@@ -362,11 +393,15 @@ class RedisClient(Backend):
         keys, lease = self._keys(delivery.queue), delivery.handle
         done = await self._connection.run(
             "retry",
-            [
-                *(keys.sequence, keys.ready, keys.delayed, keys.leases, keys.bodies),
-                *(keys.tokens, keys.ranks, keys.deliveries, keys.wake),
-            ],
-            [lease.message_id, lease.token, message.priority, message.body, math.ceil(delay * 1000)],
+            *self._with_record(
+                delivery.queue,
+                state,
+                [
+                    *(keys.sequence, keys.ready, keys.delayed, keys.leases, keys.bodies),
+                    *(keys.tokens, keys.ranks, keys.deliveries, keys.wake),
+                ],
+                [lease.message_id, lease.token, message.priority, message.body, math.ceil(delay * 1000)],
+            ),
         )
         if done < 0:
             raise self._lease_lost(delivery, message.job_id)
@@ -378,11 +413,15 @@ class RedisClient(Backend):
         keys, dead, lease = self._keys(delivery.queue), self._keys(dead_letter_queue), delivery.handle
         done = await self._connection.run(
             "dead_letter",
-            [
-                *(keys.leases, keys.tokens, keys.ranks, keys.bodies, keys.deliveries, keys.meta),
-                *(dead.meta, dead.sequence, dead.ready, dead.bodies, dead.wake),
-            ],
-            [lease.message_id, lease.token, message.priority, message.body],
+            *self._with_record(
+                delivery.queue,
+                state,
+                [
+                    *(keys.leases, keys.tokens, keys.ranks, keys.bodies, keys.deliveries, keys.meta),
+                    *(dead.meta, dead.sequence, dead.ready, dead.bodies, dead.wake),
+                ],
+                [lease.message_id, lease.token, message.priority, message.body],
+            ),
         )
         if done < 0:
             raise self._lease_lost(delivery, message.job_id)

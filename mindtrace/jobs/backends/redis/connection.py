@@ -60,6 +60,7 @@ _SCRIPTS = (
     "state_cancel",
     "state_forget",
     "state_read",
+    "state_start",
 )
 
 

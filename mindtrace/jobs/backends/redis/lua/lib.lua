@@ -17,6 +17,15 @@
 --
 -- retain(rec, idx, id, ttl, at) starts the retention of a job record that became terminal (state scripts).
 --
+-- record(rec, idx, a, i) applies one StateUpdate to a job's record hash ``rec`` (index ``idx``), its eight
+-- arguments a[i]..a[i+7] laid out as state_record.lua describes: the one Lua form of the merge rule's effects,
+-- used by state_record.lua and by the settles and publishes that write a record in the same step.
+--
+-- settled(done, k, j) is a settle script's answer ``done``, after it wrote the job's record when its caller
+-- passed one: record hash and index at KEYS[k], KEYS[k + 1], the update's arguments from ARGV[j]. The record
+-- is written whatever the settle found (as a store written just before the settle would have it), and last,
+-- after the settle's removals (see below).
+--
 -- Every script removes before it adds: on a full server (maxmemory with noeviction) Redis refuses a script
 -- whose first write is a command that may grow memory (ZADD, HSET, INCR, RPUSH), and lets it go on once it
 -- has written. A removal first (ZREM, ZPOPMIN, HDEL) lets a full server still claim, settle and drain.
@@ -76,4 +85,56 @@ local function retain(rec, idx, id, ttl, at)
     redis.call('ZADD', idx, '+inf', id)
   end
   redis.call('ZREMRANGEBYSCORE', idx, '-inf', '(' .. at)
+end
+
+local function record(rec, idx, a, i)
+  -- The record hash: s (status, as the merge rule leaves it), t (terminal), c (cancel requested), r (reason),
+  -- q (enqueued at, ms), n (entries so far), e1..en (updates in store order), p (the running attempt's latest
+  -- progress). Only what JobInfo.apply would keep is written, so a reader folding e1..en then p gets the
+  -- merge rule's record. Returns 1 when the record changed (its channel is told), 0 when nothing changed.
+  local entry, kind, status, terminal, ttl, at, id, channel =
+      a[i], a[i + 1], a[i + 2], a[i + 3], a[i + 4], tonumber(a[i + 5]), a[i + 6], a[i + 7]
+  if kind == 'published' then
+    redis.call('DEL', rec) -- a new life of the id
+  elseif redis.call('HEXISTS', rec, 't') == 1 then
+    return 0 -- a terminal record changes no more
+  end
+  if kind == 'withdrawn' then
+    redis.call('DEL', rec)
+    redis.call('ZREM', idx, id)
+  elseif kind == 'progress' then
+    if redis.call('HGET', rec, 's') ~= 'running' then
+      return 0
+    end
+    redis.call('HSET', rec, 'p', entry)
+  else
+    local n = redis.call('HINCRBY', rec, 'n', 1)
+    redis.call('HSET', rec, 'e' .. n, entry)
+    if kind == 'cancel' then
+      redis.call('HSET', rec, 'c', '1')
+    else
+      redis.call('HSET', rec, 's', status)
+      if kind == 'published' then
+        redis.call('HSET', rec, 'q', at) -- when it was enqueued, for purges
+      end
+      if status == 'running' then
+        redis.call('HDEL', rec, 'p') -- a new attempt reports its own progress
+      end
+    end
+    if terminal == '1' then
+      redis.call('HSET', rec, 't', '1')
+      retain(rec, idx, id, ttl, at)
+    else
+      redis.call('ZADD', idx, '+inf', id)
+    end
+  end
+  redis.call('PUBLISH', channel, kind)
+  return 1
+end
+
+local function settled(done, k, j)
+  if KEYS[k] then
+    record(KEYS[k], KEYS[k + 1], ARGV, j)
+  end
+  return done
 end
