@@ -385,6 +385,10 @@ class RedisStateStore(StateStore):
         """The sorted set indexing the records of ``queue`` (job id -> expiry ms; +inf while not terminal)."""
         return f"{self._base(queue)}jobs"
 
+    def forget_prefixes(self, queue: str) -> tuple[str, str]:
+        """The prefixes of ``queue``'s record keys and event channels (a job id completes each)."""
+        return f"{self._base(queue)}job:", f"{self._base(queue)}event:"
+
     def _cancel_stream(self, queue: str) -> str:
         return f"{self._base(queue)}cancels"
 
@@ -466,8 +470,7 @@ class RedisStateStore(StateStore):
                 async for member, score in self._connection.commands.zscan_iter(index, count=1000)
                 if terminal_too or math.isinf(score)
             ]
-        prefix = f"{self._base(queue)}job:"
-        channels = f"{self._base(queue)}event:"
+        prefix, channels = self.forget_prefixes(queue)
         limit = "" if before is None else str(int(before * 1000))
         for start in range(0, len(members), _FORGET_CHUNK):
             chunk = members[start : start + _FORGET_CHUNK]

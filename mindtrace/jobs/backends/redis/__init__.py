@@ -450,8 +450,13 @@ class RedisClient(Backend):
             *(keys.meta, keys.ready, keys.delayed, keys.leases, keys.tokens, keys.ranks, keys.bodies, keys.deliveries)
         ]
 
+        extra: list[Any] = []
+        if self._state is not None:  # its own store: the records of purged jobs go in the same step
+            script_keys.append(self._state.index_key(queue))
+            extra = list(self._state.forget_prefixes(queue))
+
         async def run_chunk(chunk: int) -> int:
-            return int(await self._connection.run("purge", script_keys, [chunk]))
+            return int(await self._connection.run("purge", script_keys, [chunk, *extra]))
 
         removed = await purge_in_chunks(run_chunk)
         if removed < 0:
@@ -462,3 +467,5 @@ class RedisClient(Backend):
         # One command, so atomic: every key of the queue goes at once.
         with self._connection.io():
             await self._connection.commands.unlink(*self._keys(queue).all())
+        if self._state is not None:  # its own store: the queue's records go too
+            await self._state.forget_queue(queue)

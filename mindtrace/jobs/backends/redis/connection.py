@@ -14,7 +14,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mindtrace.jobs.backends._endpoint import (
@@ -231,7 +231,13 @@ class RedisConnection:
 
         async def attempt() -> None:
             with self.io():
-                await commands.ping()
+                try:
+                    await commands.ping()
+                except ResponseError as exc:
+                    # After a failed save (stop-writes-on-bgsave-error) Redis refuses PING with the writes: it
+                    # answers, so this is connected; the writes wait it out as anywhere else.
+                    if not str(exc).startswith("MISCONF"):
+                        raise
 
         try:
             await connect_within(
