@@ -6,8 +6,10 @@
 --
 -- The record hash: s (status, as the merge rule leaves it), t (terminal), c (cancel requested), r (reason),
 -- q (enqueued at, ms), n (entries so far), e1..en (updates in store order), p (the running attempt's latest
--- progress). Only what JobInfo.apply would keep is written, so a reader folding e1..en then p gets the merge
--- rule's record. Returns 1 when the record changed (its channel is told), 0 when the update changes nothing.
+-- progress, kept apart so that reports replace each other; a status update that ends the run first moves it
+-- into the entries, since the merge rule keeps a run's last progress after the run). Only what JobInfo.apply
+-- would keep is written, so a reader folding e1..en then p gets the merge rule's record. Returns 1 when the
+-- record changed (its channel is told), 0 when the update changes nothing.
 local rec, idx = KEYS[1], KEYS[2]
 local entry, kind, status, terminal, ttl, at, id, channel =
     ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7], ARGV[8]
@@ -27,6 +29,13 @@ elseif kind == 'progress' then
     end
     redis.call('HSET', rec, 'p', entry)
 else
+    if kind == 'status' and status ~= 'running' then
+        local progress = redis.call('HGET', rec, 'p')
+        if progress then  -- p only exists while running: the run's last report goes before the update ending it
+            redis.call('HDEL', rec, 'p')
+            redis.call('HSET', rec, 'e' .. redis.call('HINCRBY', rec, 'n', 1), progress)
+        end
+    end
     local n = redis.call('HINCRBY', rec, 'n', 1)
     redis.call('HSET', rec, 'e' .. n, entry)
     if kind == 'cancel' then
