@@ -283,7 +283,10 @@ class RedisConnection:
 
         A call made while none is in flight goes out at once. Calls made while others are in flight (the
         acks and claims of concurrent jobs) are sent together at the next turn of the event loop, as one
-        pipeline: one round trip and one connection for all of them instead of one each.
+        pipeline: one round trip and one connection for all of them instead of one each. While a pipeline
+        is in flight, the calls made meanwhile wait for it and go out as the next one, so that concurrent
+        callers (a thousand waiters reading at once) hold two command connections at most, not one more per
+        turn of the loop.
         """
         with self.io():
             if not self._in_flight and not self._pending:
@@ -316,12 +319,19 @@ class RedisConnection:
             return await script(keys=keys, args=args)
 
     def _flush(self) -> None:
+        if self._batches:
+            return  # sent when the pipeline in flight is done (see _batch_done)
         batch = [call for call in self._pending if not call[3].done()]  # a cancelled caller's call is not sent
         self._pending = []
         if batch:
             task = asyncio.ensure_future(self._send(batch))
             self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        if self._pending:
+            self._flush()
 
     async def _send(self, batch: list[_Call]) -> None:
         """Send ``batch`` as one pipeline (not a transaction) and hand each caller its own reply."""

@@ -90,8 +90,10 @@ end
 local function record(rec, idx, a, i)
   -- The record hash: s (status, as the merge rule leaves it), t (terminal), c (cancel requested), r (reason),
   -- q (enqueued at, ms), n (entries so far), e1..en (updates in store order), p (the running attempt's latest
-  -- progress). Only what JobInfo.apply would keep is written, so a reader folding e1..en then p gets the
-  -- merge rule's record. Returns 1 when the record changed (its channel is told), 0 when nothing changed.
+  -- progress, kept apart so that reports replace each other; a status update that ends the run first moves
+  -- it into the entries, since the merge rule keeps a run's last progress after the run). Only what
+  -- JobInfo.apply would keep is written, so a reader folding e1..en then p gets the merge rule's record.
+  -- Returns 1 when the record changed (its channel is told), 0 when nothing changed.
   local entry, kind, status, terminal, ttl, at, id, channel =
       a[i], a[i + 1], a[i + 2], a[i + 3], a[i + 4], tonumber(a[i + 5]), a[i + 6], a[i + 7]
   if kind == 'published' then
@@ -108,6 +110,13 @@ local function record(rec, idx, a, i)
     end
     redis.call('HSET', rec, 'p', entry)
   else
+    if kind == 'status' and status ~= 'running' then
+      local progress = redis.call('HGET', rec, 'p')
+      if progress then -- p only exists while running: the run's last report goes before the update ending it
+        redis.call('HDEL', rec, 'p')
+        redis.call('HSET', rec, 'e' .. redis.call('HINCRBY', rec, 'n', 1), progress)
+      end
+    end
     local n = redis.call('HINCRBY', rec, 'n', 1)
     redis.call('HSET', rec, 'e' .. n, entry)
     if kind == 'cancel' then
