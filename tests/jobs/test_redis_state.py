@@ -414,7 +414,7 @@ async def test_a_finished_record_expires_by_the_server_after_result_ttl(
             assert await asyncio.wait_for(consumer.consume(num_messages=1), 20) == 1
             store = orchestrator.state
             assert isinstance(store, RedisStateStore)
-            key = store._record_key(queue, handle.id)
+            key = store.record_key(queue, handle.id)
             kept = await handle.info()
             assert kept.status is JobStatus.SUCCEEDED
             assert kept.expires_at is not None and kept.finished_at is not None
@@ -441,7 +441,7 @@ async def test_a_finished_record_survives_a_crash_and_restart_of_a_persisting_se
             for update in (_published("j", time.time()), _running("j", time.time()), _succeeded("j", time.time(), 42)):
                 await store.record(queue, update)
             before = await store.info(queue, "j")
-            key = store._record_key(queue, "j")
+            key = store.record_key(queue, "j")
         pid = server.process.pid if server.process else None
         server.restart(kill=True)  # SIGKILL: only what reached the disk comes back
         assert server.process is not None and server.process.pid != pid
