@@ -50,6 +50,8 @@ logger = logging.getLogger("mindtrace.jobs")
 
 # Backoff while the broker is unreachable during consume: first wait and cap, in seconds.
 _RECONNECT_DELAY, _RECONNECT_MAX_DELAY = 0.1, 5.0
+#: Cancels heard of jobs not running here that a consumer keeps (for jobs its claim started but not yet run).
+_EARLY_CANCELS = 1024
 
 
 class _Budget:
@@ -172,6 +174,8 @@ class AsyncConsumer(abc.ABC):
         self._workers: set[asyncio.Task[None]] = set()  # the workers of every consume() call running
         self._consuming: set[asyncio.Future[None]] = set()  # one per consume() call running, done when it ends
         self._running: dict[Delivery, _Run] = {}  # jobs decided to run, until settled: leases, cancels, shutdown
+        # Cancels heard of jobs not running here: job id -> (event loop time heard, reason); see _heard_cancel.
+        self._early_cancels: dict[str, tuple[float, str | None]] = {}
         #: Who runs the jobs, as recorded in their records: host, process id and this consumer.
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
 
@@ -279,7 +283,10 @@ class AsyncConsumer(abc.ABC):
         try:
             listener = await orchestrator.state.listen_cancels(self.queue_name, self._heard_cancel) if records else None
             try:
-                async with await orchestrator.open_receiver(self.queue_name, prefetch=concurrency) as receiver:
+                receiver_cm = await orchestrator.open_receiver(
+                    self.queue_name, prefetch=concurrency, worker=self.worker_id
+                )
+                async with receiver_cm as receiver:
                     workers = [asyncio.create_task(self._work(receiver, budget)) for _ in range(concurrency)]
                     self._workers.update(workers)
                     # One task renews every running job's lease, one writes their progress: not one per job.
@@ -469,7 +476,18 @@ class AsyncConsumer(abc.ABC):
         return outcome
 
     async def _record_started(self, run: _Run) -> None:
-        """Record RUNNING and check for a cancel of the job, in that order (one step on stores that can)."""
+        """Record RUNNING and check for a cancel of the job, in that order (one step on stores that can; none
+        when the claim did both: ``Delivery.started``)."""
+        delivery = run.delivery
+        if delivery.started:
+            # A cancel heard since the claim, before the job was registered as running here, is honoured now.
+            heard = self._early_cancels.pop(run.job.id, None)
+            reason = delivery.cancel_reason
+            if reason is None and heard is not None and heard[0] >= delivery.claimed_at:
+                reason = heard[1] or ""
+            if reason is not None and not run.context.cancelled:
+                self._cancel(run, reason or None)
+            return
         try:
             reason = await self.orchestrator.record_started(run.delivery.queue, run.job, self.worker_id)
         except BackendError as exc:
@@ -566,10 +584,20 @@ class AsyncConsumer(abc.ABC):
     # -- cancels, time limits, abandonment (callbacks on the loop) -----------------------------------------
 
     def _heard_cancel(self, job_id: str, reason: str | None) -> None:
-        """The state store's callback: a cancel of a job of this queue arrived."""
+        """The state store's callback: a cancel of a job of this queue arrived.
+
+        One of no job running here is kept a while (the last ``_EARLY_CANCELS``): it may be for a job this
+        consumer's claim already recorded as RUNNING but that has not started yet.
+        """
+        found = False
         for run in list(self._running.values()):
             if run.job.id == job_id:
+                found = True
                 self._cancel(run, reason)
+        if not found:
+            self._early_cancels[job_id] = (asyncio.get_running_loop().time(), reason)
+            while len(self._early_cancels) > _EARLY_CANCELS:
+                del self._early_cancels[next(iter(self._early_cancels))]
 
     def _cancel(self, run: _Run, reason: str | None) -> None:
         if not run.context.mark_cancelled(reason):

@@ -104,6 +104,8 @@ class StateUpdate:
     terminal record is kept (seconds).
     ``worker`` names the consumer that ran it, ``reason`` why it was cancelled. ``kind`` says what the update
     changes (see :data:`UpdateKind`; a cancel request of a running job does not change its status).
+    ``not_after`` (published only): the job's "do not start after" time (Unix seconds), for a store whose
+    claims record starts (they leave an expired job to its consumer); it is not part of the record.
     """
 
     job_id: str
@@ -118,6 +120,7 @@ class StateUpdate:
     reason: str | None = None
     ttl: float | None = None
     kind: UpdateKind = "status"
+    not_after: float | None = None
 
     def to_fields(self) -> dict[str, str]:
         """The update as flat string fields (a Redis hash, a stream message's body); None fields left out."""

@@ -52,7 +52,15 @@ def outgoing(job: Job, *, resumes: bool = False, state: StateUpdate | None = Non
 
 def _queued(job: Job) -> StateUpdate:
     """The record a publish starts: QUEUED, with the schema name so readers can type the output."""
-    return StateUpdate(job.id, JobStatus.QUEUED, attempts=job.attempts, schema=job.payload.name, kind="published")
+    not_after = None if job.expires_at is None else job.expires_at.timestamp()
+    return StateUpdate(
+        job.id,
+        JobStatus.QUEUED,
+        attempts=job.attempts,
+        schema=job.payload.name,
+        kind="published",
+        not_after=not_after,
+    )
 
 
 class AsyncOrchestrator:
@@ -377,11 +385,12 @@ class AsyncOrchestrator:
         """Rebuild a job from bytes with this orchestrator's registered schemas (DecodeError if not a job)."""
         return decode(raw, self._schemas, queue=queue)
 
-    async def open_receiver(self, queue_name: str, *, prefetch: int = 1) -> Receiver:
+    async def open_receiver(self, queue_name: str, *, prefetch: int = 1, worker: str | None = None) -> Receiver:
         """A receiver on ``queue_name``: the consumer's low-level claim API.
 
         A queue that does not exist is declared, so workers may start before producers, with a warning naming
-        it: a consumer of a misspelt queue would otherwise wait forever in silence.
+        it: a consumer of a misspelt queue would otherwise wait forever in silence. ``worker``: the consumer's
+        id, for a backend that records a job's start in its claim (records on, written by the backend).
         """
         if await self.ensure_queue(queue_name):
             logger.warning(
@@ -389,7 +398,8 @@ class AsyncOrchestrator:
                 "it; check the name if none will)",
                 queue_name,
             )
-        return await self.backend.open_receiver(queue_name, prefetch=prefetch)
+        starts = worker if self.records and self._fused() and not queue_name.endswith(DLQ_SUFFIX) else None
+        return await self.backend.open_receiver(queue_name, prefetch=prefetch, worker=starts)
 
     async def receive_message(self, queue_name: str, timeout: float | None = None) -> Job | None:
         """Take the next job off ``queue_name`` and hand it over (it leaves the queue), or None.

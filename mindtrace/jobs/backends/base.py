@@ -132,6 +132,11 @@ class Delivery:
     or retried, this time included, as far as the broker can tell (1 when it cannot; 2 for any redelivery on
     a broker that only flags redeliveries). A released message does not count the claim it was released
     from. ``handle`` is the backend's own token (lease, delivery tag).
+
+    ``started`` is True when the claim itself recorded the job's start (a backend whose own state store
+    ``settles_with`` it, given the worker by ``open_receiver``): its record reads RUNNING, or, when
+    ``cancel_reason`` is not None, the job was cancelled and is not to run (the reason, "" without one).
+    ``claimed_at`` is when the claim was sent (event loop time; 0 when not stamped).
     """
 
     queue: str
@@ -140,6 +145,9 @@ class Delivery:
     handle: Any = field(repr=False)
     delivery_count: int = 1
     settled: bool = field(default=False, repr=False)
+    started: bool = field(default=False, repr=False)
+    cancel_reason: str | None = field(default=None, repr=False)
+    claimed_at: float = field(default=0.0, repr=False)
 
 
 class Receiver(abc.ABC):
@@ -368,13 +376,18 @@ class Backend(abc.ABC):
         await self._ensure_connected()
         await self._publish_many(queue, messages)
 
-    async def open_receiver(self, queue: str, *, prefetch: int = 1) -> Receiver:
-        """A receiver claiming from ``queue``, holding at most ``prefetch`` unsettled messages ahead."""
+    async def open_receiver(self, queue: str, *, prefetch: int = 1, worker: str | None = None) -> Receiver:
+        """A receiver claiming from ``queue``, holding at most ``prefetch`` unsettled messages ahead.
+
+        ``worker``: the consumer the claims are for, given by an orchestrator whose state store this backend
+        writes itself (``settles_with``): a backend that can records each job's start in its claim (see
+        ``Delivery.started``); others ignore it.
+        """
         validate_queue_name(queue)
         if prefetch < 1:
             raise ConfigurationError(f"prefetch must be at least 1, not {prefetch}")
         await self._ensure_connected()
-        return await self._open_receiver(queue, prefetch)
+        return await self._open_receiver(queue, prefetch, worker)
 
     async def ack(self, delivery: Delivery, *, state: StateUpdate | None = None) -> None:
         """Settle: the job is done and leaves the broker. LeaseLostError if the lease went elsewhere.
@@ -461,7 +474,7 @@ class Backend(abc.ABC):
             await self._publish(queue, message)
 
     @abc.abstractmethod
-    async def _open_receiver(self, queue: str, prefetch: int) -> Receiver: ...
+    async def _open_receiver(self, queue: str, prefetch: int, worker: str | None = None) -> Receiver: ...
 
     @abc.abstractmethod
     async def _ack(self, delivery: Delivery, state: StateUpdate | None = None) -> None: ...

@@ -204,7 +204,7 @@ class LocalClient(Backend):
                 self._record(queue, message.state)
                 q.push((-message.priority, next(self._sequence), message.body, job_id))
 
-    async def _open_receiver(self, queue: str, prefetch: int) -> Receiver:
+    async def _open_receiver(self, queue: str, prefetch: int, worker: str | None = None) -> Receiver:
         self._get_queue(queue)
         return _LocalReceiver(self, queue)
 

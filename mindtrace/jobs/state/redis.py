@@ -432,17 +432,15 @@ class RedisStateStore(StateStore):
     # -- writes -------------------------------------------------------------------------------------
 
     def record_args(self, queue: str, update: StateUpdate) -> list[str]:
-        """The eight arguments of a script writing ``update`` (state_record.lua; the owner's scripts too)."""
-        terminal = update.kind == "status" and update.status.terminal
+        """The three arguments of a script writing ``update`` (state_record.lua; the owner's scripts too)."""
+        terminal = "1" if update.kind == "status" and update.status.terminal else "0"
         ttl = "" if update.ttl is None else str(max(1, math.ceil(update.ttl * 1000)))
+        not_after = "" if update.not_after is None else str(int(update.not_after * 1000))
+        meta = f"{update.kind}|{update.status.value}|{terminal}|{ttl}|{int(update.at * 1000)}|{update.attempts}|"
+        meta += f"{not_after}|"
         return [
             json.dumps(update.to_fields(), separators=(",", ":")),
-            update.kind,
-            update.status.value,
-            "1" if terminal else "0",
-            ttl,
-            str(int(update.at * 1000)),
-            update.job_id,
+            meta + update.job_id,
             self._event_channel(queue, update.job_id),
         ]
 

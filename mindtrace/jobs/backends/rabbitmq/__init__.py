@@ -347,7 +347,7 @@ class RabbitMQClient(Backend):
 
     # -- claiming and settling -----------------------------------------------------------------------
 
-    async def _open_receiver(self, queue: str, prefetch: int) -> Receiver:
+    async def _open_receiver(self, queue: str, prefetch: int, worker: str | None = None) -> Receiver:
         if not await self._queue_exists(queue):
             raise QueueNotFoundError(queue)
         per_lane = min(self.jobs_per_channel, prefetch)  # each lane's QoS (see _RabbitMQReceiver)

@@ -39,6 +39,7 @@ from mindtrace.jobs.backends.redis.keys import _Keys, _keys_of, _Lease, _priorit
 from mindtrace.jobs.backends.redis.receiver import _RedisReceiver, _Wakes
 from mindtrace.jobs.constants import (
     CONNECT_TIMEOUT,
+    DLQ_SUFFIX,
     MAX_PAYLOAD_BYTES,
     OPERATION_TIMEOUT,
     REDIS_CONNECTION_RETRIES,
@@ -228,8 +229,14 @@ class RedisClient(Backend):
             await self._wakes.push(keys)
         await self._connection.close()
 
-    async def _claim(self, queue: str, keys: _Keys, count: int, into: collections.deque[Delivery]) -> float | None:
-        """Claim up to ``count`` messages into ``into``; seconds until the next deadline, None if none."""
+    async def _claim(
+        self, queue: str, keys: _Keys, count: int, into: collections.deque[Delivery], worker: str | None = None
+    ) -> float | None:
+        """Claim up to ``count`` messages into ``into``; seconds until the next deadline, None if none.
+
+        With a ``worker`` and this client's own store, the claim records each first delivery's start
+        (``Delivery.started``), except on a dead-letter queue (its jobs keep no records of their own).
+        """
         task = asyncio.current_task()
         if task is not None:
             self._claims.add(task)
@@ -239,10 +246,17 @@ class RedisClient(Backend):
                 *(keys.meta, keys.ready, keys.delayed, keys.leases, keys.bodies),
                 *(keys.tokens, keys.ranks, keys.deliveries, keys.wake),
             ]
+            records = ["", "", ""]
+            if worker is not None and self._state is not None and not queue.endswith(DLQ_SUFFIX):
+                script_keys.append(self._state.index_key(queue))
+                records = [*self._state.forget_prefixes(queue), worker]
 
             async def run(token: str, doubtful: list[str]) -> Any:
-                return await self._connection.run_once("claim", script_keys, [count, lease_ms, token, *doubtful])
+                return await self._connection.run_once(
+                    "claim", script_keys, [count, lease_ms, token, *records, *doubtful]
+                )
 
+            sent_at = asyncio.get_running_loop().time()
             with self._connection.io():
                 token, reply = await claim_sent_once(
                     run,
@@ -256,11 +270,20 @@ class RedisClient(Backend):
                 self._claims.discard(task)
         if reply[0] == 0:
             raise QueueNotFoundError(queue)
-        for i in range(2, len(reply), 4):
-            message_id, body, rank, deliveries = reply[i : i + 4]
+        for i in range(2, len(reply), 5):
+            message_id, body, rank, deliveries, start = reply[i : i + 5]
             delivery = Delivery(
-                queue, body, _priority_of(rank), handle=_Lease(message_id, token), delivery_count=int(deliveries)
+                queue,
+                body,
+                _priority_of(rank),
+                handle=_Lease(message_id, token),
+                delivery_count=int(deliveries),
+                claimed_at=sent_at,
             )
+            if start:
+                delivery.started = True
+                if start[:1] == b"c":
+                    delivery.cancel_reason = start[1:].decode()
             self._held.add(delivery)
             into.append(delivery)
         wait_ms = int(reply[1])
@@ -345,13 +368,16 @@ class RedisClient(Backend):
         if queued[0] < 0:
             raise QueueNotFoundError(queue)
 
-    async def _open_receiver(self, queue: str, prefetch: int) -> Receiver:
+    async def _open_receiver(self, queue: str, prefetch: int, worker: str | None = None) -> Receiver:
+        async def claim(queue: str, keys: _Keys, count: int, into: collections.deque[Delivery]) -> float | None:
+            return await self._claim(queue, keys, count, into, worker)
+
         return _RedisReceiver(
             self,
             queue,
             prefetch,
             keys=self._keys(queue),
-            claim=self._claim,
+            claim=claim,
             give_back=self._give_back,
             wakes=self._wakes,
             visibility_timeout=self.visibility_timeout,
@@ -376,15 +402,19 @@ class RedisClient(Backend):
         # A lost lease needs nothing: the message is already back in the queue or held by someone else.
         self._held.discard(delivery)
         keys, lease = self._keys(delivery.queue), delivery.handle
-        await self._connection.run(
-            "release",
-            *self._with_record(
-                delivery.queue,
-                state,
-                [keys.ready, keys.leases, keys.tokens, keys.ranks, keys.deliveries, keys.wake],
-                [lease.message_id, lease.token],
-            ),
+        script_keys, args = self._with_record(
+            delivery.queue,
+            state,
+            [keys.ready, keys.leases, keys.tokens, keys.ranks, keys.deliveries, keys.wake],
+            [lease.message_id, lease.token],
         )
+        store = self._state
+        if state is None and store is not None and delivery.started and delivery.cancel_reason is None:
+            # Given back unrun (a receiver's buffer): the start its claim recorded is undone in the same step.
+            job_id = lease.message_id.decode() if isinstance(lease.message_id, bytes) else str(lease.message_id)
+            script_keys += [store.record_key(delivery.queue, job_id), store.index_key(delivery.queue)]
+            args += ["", store.forget_prefixes(delivery.queue)[1] + job_id]
+        await self._connection.run("release", script_keys, args)
 
     async def _retry(
         self, delivery: Delivery, message: OutgoingMessage, delay: float, state: StateUpdate | None = None

@@ -2,7 +2,7 @@
 --
 -- KEYS[1] leases   KEYS[2] tokens   KEYS[3] ranks   KEYS[4] bodies   KEYS[5] deliveries
 -- ARGV[1] message id   ARGV[2] lease token
--- KEYS[6] KEYS[7] ARGV[3..10] (optional) the job's record hash, index and update, as for state_record.lua
+-- KEYS[6] KEYS[7] ARGV[3..5] (optional) the job's record hash, index and update, as for state_record.lua
 --
 -- Returns 1 when removed, 0 when the message is gone already (settled before: nothing to do),
 -- -1 when the lease was lost (it expired and the message is ready again or held by another receiver).

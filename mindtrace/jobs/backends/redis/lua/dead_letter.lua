@@ -4,7 +4,7 @@
 -- KEYS[7] dead-letter meta   KEYS[8] dead-letter sequence   KEYS[9] dead-letter ready
 -- KEYS[10] dead-letter bodies   KEYS[11] dead-letter wake
 -- ARGV[1] message id   ARGV[2] lease token   ARGV[3] priority   ARGV[4] new body
--- KEYS[12] KEYS[13] ARGV[5..12] (optional) the job's record hash, index and update, as for state_record.lua
+-- KEYS[12] KEYS[13] ARGV[5..7] (optional) the job's record hash, index and update, as for state_record.lua
 --
 -- A queue and its dead-letter queue share a hash tag, so this is one atomic step even on a cluster. A
 -- missing dead-letter queue is created with the queue's options. A dead-letter queue is its own.

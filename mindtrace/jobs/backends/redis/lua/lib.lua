@@ -17,8 +17,8 @@
 --
 -- retain(rec, idx, id, ttl, at) starts the retention of a job record that became terminal (state scripts).
 --
--- record(rec, idx, a, i) applies one StateUpdate to a job's record hash ``rec`` (index ``idx``), its eight
--- arguments a[i]..a[i+7] laid out as state_record.lua describes: the one Lua form of the merge rule's effects,
+-- record(rec, idx, a, i) applies one StateUpdate to a job's record hash ``rec`` (index ``idx``), its three
+-- arguments a[i]..a[i+2] laid out as state_record.lua describes: the one Lua form of the merge rule's effects,
 -- used by state_record.lua and by the settles and publishes that write a record in the same step.
 --
 -- settled(done, k, j) is a settle script's answer ``done``, after it wrote the job's record when its caller
@@ -89,13 +89,16 @@ end
 
 local function record(rec, idx, a, i)
   -- The record hash: s (status, as the merge rule leaves it), t (terminal), c (cancel requested), r (reason),
-  -- q (enqueued at, ms), n (entries so far), e1..en (updates in store order), p (the running attempt's latest
+  -- q (enqueued at, ms), x (do not start after, ms), a (attempts, as the last status update said), n (entries
+  -- so far), e1..en (updates in store order), p (the running attempt's latest
   -- progress, kept apart so that reports replace each other; a status update that ends the run first moves
   -- it into the entries, since the merge rule keeps a run's last progress after the run). Only what
   -- JobInfo.apply would keep is written, so a reader folding e1..en then p gets the merge rule's record.
   -- Returns 1 when the record changed (its channel is told), 0 when nothing changed.
-  local entry, kind, status, terminal, ttl, at, id, channel =
-      a[i], a[i + 1], a[i + 2], a[i + 3], a[i + 4], tonumber(a[i + 5]), a[i + 6], a[i + 7]
+  local entry, channel = a[i], a[i + 2]
+  local kind, status, terminal, ttl, at, attempts, not_after, id =
+      string.match(a[i + 1], '^(%a+)|(%a+)|(%d)|(%d*)|(%d+)|(%d+)|(%d*)|(.*)$')
+  at = tonumber(at)
   if kind == 'published' then
     redis.call('DEL', rec) -- a new life of the id
   elseif redis.call('HEXISTS', rec, 't') == 1 then
@@ -122,9 +125,12 @@ local function record(rec, idx, a, i)
     if kind == 'cancel' then
       redis.call('HSET', rec, 'c', '1')
     else
-      redis.call('HSET', rec, 's', status)
+      redis.call('HSET', rec, 's', status, 'a', attempts)
       if kind == 'published' then
         redis.call('HSET', rec, 'q', at) -- when it was enqueued, for purges
+        if not_after ~= '' then
+          redis.call('HSET', rec, 'x', not_after) -- do not start after (ms): claims leave it to the consumer
+        end
       end
       if status == 'running' then
         redis.call('HDEL', rec, 'p') -- a new attempt reports its own progress

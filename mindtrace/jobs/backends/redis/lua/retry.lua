@@ -3,7 +3,7 @@
 -- KEYS[1] sequence   KEYS[2] ready   KEYS[3] delayed   KEYS[4] leases   KEYS[5] bodies   KEYS[6] tokens
 -- KEYS[7] ranks      KEYS[8] deliveries   KEYS[9] wake
 -- ARGV[1] message id   ARGV[2] lease token   ARGV[3] priority   ARGV[4] new body   ARGV[5] delay in ms
--- KEYS[10] KEYS[11] ARGV[6..13] (optional) the job's record hash, index and update, as for state_record.lua
+-- KEYS[10] KEYS[11] ARGV[6..8] (optional) the job's record hash, index and update, as for state_record.lua
 --
 -- The message keeps its id, starts a new delivery count and goes to the back of its priority. With a delay
 -- it waits in the delayed set (promote() in lib.lua makes it ready when due); either way a blocked receiver

@@ -1,7 +1,7 @@
 -- state_start.lua: a consumer starts a job: record RUNNING, then read the cancel request (after lib.lua).
 --
 -- KEYS[1] the job's record hash   KEYS[2] the queue's record index
--- ARGV[1..8] the RUNNING update, as for state_record.lua
+-- ARGV[1..3] the RUNNING update, as for state_record.lua
 --
 -- One step for RedisStateStore.started, so a start costs one round trip. RUNNING is written before the read:
 -- a cancel after it finds the job running (and signals it); one before it is in what this returns.
