@@ -45,9 +45,8 @@ from urllib.parse import urlsplit
 import pytest
 import pytest_asyncio
 
-from mindtrace.jobs import AsyncConsumer, AsyncOrchestrator, ClosedError, Consumer, Orchestrator, UsageError
+from mindtrace.jobs import AsyncConsumer, AsyncOrchestrator, ClosedError, Consumer, Orchestrator, UsageError, from_url
 from mindtrace.jobs._loop_thread import get_loop_thread
-from mindtrace.jobs.backends import _BACKENDS, load_backend_class
 
 __all__ = [
     "DEFAULT_AMQP_URL",
@@ -218,9 +217,8 @@ def jobs_state_url(request: pytest.FixtureRequest, jobs_backend_url: str) -> str
     chosen = request.config.getoption("--jobs-state") or os.environ.get("MINDTRACE_JOBS_STATE_URL")
     if chosen:
         return _require(backend_url_for(str(chosen)))
-    scheme = urlsplit(jobs_backend_url).scheme.lower()
-    if scheme not in _BACKENDS or load_backend_class(_BACKENDS[scheme][1]).capabilities.job_records:
-        return None  # (an unknown scheme: the orchestrator says so)
+    if from_url(jobs_backend_url).capabilities.job_records:  # (an unconnected backend holds no connection)
+        return None
     return _require(backend_url_for("redis"))  # RabbitMQ keeps no records of its own yet
 
 
