@@ -29,6 +29,9 @@ Fixtures:
   ``jobs_orchestrator`` (unless connected already) and consumes until N jobs were handled, or, without
   ``num_messages``, until its queue is idle; :class:`JobsRunTimeoutError` if that takes over ``timeout`` s.
 - ``jobs_sync_run``: the same, blocking, for a sync :class:`Consumer` and ``jobs_sync_orchestrator``.
+
+And a helper without any backend: ``await run_inline(consumer, job)`` calls the consumer's ``run`` once, with
+a :class:`JobContext` current, and returns its output checked as a consumer checks it.
 """
 
 from __future__ import annotations
@@ -39,14 +42,26 @@ import re
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
 
-from mindtrace.jobs import AsyncConsumer, AsyncOrchestrator, ClosedError, Consumer, Orchestrator, UsageError, from_url
+from mindtrace.jobs import (
+    AsyncConsumer,
+    AsyncOrchestrator,
+    ClosedError,
+    Consumer,
+    Job,
+    JobContext,
+    Orchestrator,
+    UsageError,
+    from_url,
+)
 from mindtrace.jobs._loop_thread import get_loop_thread
+from mindtrace.jobs.constants import MAX_RESULT_BYTES
+from mindtrace.jobs.context import reset_current, set_current
 
 __all__ = [
     "DEFAULT_AMQP_URL",
@@ -63,6 +78,7 @@ __all__ = [
     "jobs_state_url",
     "jobs_sync_orchestrator",
     "jobs_sync_run",
+    "run_inline",
 ]
 
 #: The Redis the name ``redis`` means when ``MINDTRACE_JOBS_REDIS_URL`` is not set.
@@ -378,3 +394,29 @@ def jobs_sync_run(jobs_sync_orchestrator: Orchestrator) -> JobsSyncRun:
         return get_loop_thread().run(work, "jobs_sync_run")
 
     return run
+
+
+async def run_inline(consumer: AsyncConsumer | Consumer, job: Job) -> Any:
+    """Call ``consumer.run(job)`` once, here, and return its output as a consumer would record it.
+
+    No backend, queue, retry or job record is involved: ``run`` sees a :class:`JobContext` (attempt
+    ``job.attempts + 1``, no deadline) as ``consumer.context``; a sync :class:`Consumer`'s ``run`` runs in a
+    thread. An exception from ``run`` propagates. The result is checked as the consumer checks it (against
+    the schema's output type, within the result size limit): JobValidationError or ResultTooLargeError
+    otherwise. Returns None for None, else an instance of the schema's output type (the result itself when
+    the schema has none).
+    """
+    context = JobContext(job_id=job.id, queue=consumer.queue_name, attempt=job.attempts + 1, worker="run_inline")
+    token = set_current(context)
+    try:
+        if isinstance(consumer, Consumer):
+            result = await asyncio.to_thread(consumer.run, job)  # (to_thread carries the context over)
+        else:
+            result = await consumer.run(job)
+    finally:
+        reset_current(token)
+    text = AsyncConsumer._check_output(job, result, MAX_RESULT_BYTES, consumer.queue_name)
+    output_type = job.payload.output_type
+    if text is None or output_type is None:
+        return result
+    return output_type.model_validate_json(text)

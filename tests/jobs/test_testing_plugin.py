@@ -112,11 +112,13 @@ def test_the_queue_is_deleted_after_a_failing_test(pytester: pytest.Pytester, ba
         assert not asyncio.run(_exists(url, queue)), f"{queue} left on {backend}"
 
 
-TIMES_OUT = """
+HELPERS = """
 import pytest
 
-from mindtrace.jobs import AsyncConsumer, Job, JobInput, JobSchema, job_from_schema
-from mindtrace.jobs.testing import JobsRunTimeoutError
+from mindtrace.jobs import (
+    AsyncConsumer, Consumer, Job, JobInput, JobOutput, JobSchema, JobValidationError, job_from_schema,
+)
+from mindtrace.jobs.testing import JobsRunTimeoutError, run_inline
 
 
 class Nothing(AsyncConsumer):
@@ -137,12 +139,41 @@ async def test_too_few_jobs(jobs_orchestrator, jobs_queue, jobs_run):
 async def test_an_empty_queue_is_idle_at_once(jobs_orchestrator, jobs_queue, jobs_run):
     await jobs_orchestrator.declare_queue(jobs_queue)
     assert await jobs_run(Nothing(jobs_queue), timeout=2) == 0
+
+
+class Out(JobOutput):
+    attempt: int
+
+
+class Attempt(AsyncConsumer):
+    async def run(self, job: Job) -> dict:
+        return {"attempt": self.context.attempt}
+
+
+class SyncAttempt(Consumer):
+    def run(self, job: Job) -> dict:
+        return {"attempt": self.context.attempt}
+
+
+class Bad(AsyncConsumer):
+    async def run(self, job: Job) -> dict:
+        return {"attempt": "not a number"}
+
+
+@pytest.mark.asyncio
+async def test_run_inline():
+    job = job_from_schema(JobSchema(name="a", input=JobInput, output=Out), JobInput(), attempts=2)
+    assert await run_inline(Attempt("q"), job) == Out(attempt=3)
+    assert await run_inline(SyncAttempt("q"), job) == Out(attempt=3)
+    assert await run_inline(Nothing("q"), job) is None
+    with pytest.raises(JobValidationError, match="does not validate as Out"):
+        await run_inline(Bad("q"), job)
 """
 
 
-def test_jobs_run_says_what_it_waited_for_on_timeout(pytester: pytest.Pytester) -> None:
-    _user_project(pytester, test_times_out=TIMES_OUT)
-    _run(pytester, "strict").assert_outcomes(passed=2)
+def test_jobs_run_says_what_it_waited_for_and_run_inline_checks_the_output(pytester: pytest.Pytester) -> None:
+    _user_project(pytester, test_helpers=HELPERS)
+    _run(pytester, "strict").assert_outcomes(passed=3)
 
 
 @pytest.mark.parametrize(("ci", "outcome"), [("", "skipped"), ("true", "errors")])
