@@ -339,11 +339,14 @@ class RabbitMQStateStore(StateStore):
     def _on_consumer_cancelled(self, log: _Log, frame: spec.Basic.Cancel) -> None:
         if frame.consumer_tag is None or frame.consumer_tag != log.tag:
             return
-        # The broker cancels stream consumers when the stream is deleted: the queue's records are gone.
+        # The broker cancels stream consumers when the stream is deleted (the records are gone), and also when
+        # its node goes down: follow it again after the last event folded if it is still there.
         channel = log.channel
-        self._reset(log)
+        log.channel = log.underlay = log.tag = None
         if channel is not None:
             self._spawn(self._channels.discard(channel))
+        if not self._closed:
+            log.attaching = self._spawn(self._resume(log))
 
     async def _resume(self, log: _Log) -> None:
         """After a lost channel: consume again after the last event folded, then wake every watch."""
@@ -578,7 +581,9 @@ class RabbitMQStateStore(StateStore):
                     await underlay.queue_delete(stream, timeout=self.operation_timeout)
         log = self._logs.get(queue)
         if log is not None:
-            channel = log.channel
+            channel, attaching = log.channel, log.attaching
+            if attaching is not None and not attaching.done():
+                attaching.cancel()  # a resume would follow the deleted stream
             self._reset(log)
             if channel is not None:
                 await self._channels.discard(channel)
