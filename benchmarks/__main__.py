@@ -174,7 +174,7 @@ def targets(report: Report) -> list[dict[str, Any]]:
             ">=",
             0.5,
         )
-    for backend in ("memory", "redis", "rabbitmq+redis"):
+    for backend in ("memory", "redis", "rabbitmq", "rabbitmq+redis"):
         ratio = report.get(backend, lifecycle.DRAIN_RATIO, "ours")
         if ratio is not None:
             add(backend, "drain with records / without (state=False)", ratio, ">=", 0.8)

@@ -23,7 +23,7 @@ from aiormq.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity, C
 
 from mindtrace.jobs.backends.rabbitmq.compat import _on_consumer_cancel
 from mindtrace.jobs.backends.rabbitmq.topology import records_stream_arguments, records_stream_name
-from mindtrace.jobs.constants import AMQP_RECORDS_MAX_AGE, OPERATION_TIMEOUT, RESULT_TTL
+from mindtrace.jobs.constants import AMQP_RECORDS_MAX_AGE, RESULT_TTL
 from mindtrace.jobs.errors import BackendError, ClosedError
 from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus, StateUpdate
 from mindtrace.jobs.state.base import CancelCallback, CancelListener, StateCapabilities, StateStore, Watch, changed
@@ -575,8 +575,8 @@ class RabbitMQStateStore(StateStore):
         await self._ensure_connected()
         stream = records_stream_name(queue)
         with self._channels.boundary():
-            async with self._channels.ops_channel() as channel:
-                underlay = await channel.get_underlay_channel()
+            async with self._channels.ops_channel() as ops:
+                underlay = await ops.get_underlay_channel()
                 with contextlib.suppress(ChannelNotFoundEntity):
                     await underlay.queue_delete(stream, timeout=self.operation_timeout)
         log = self._logs.get(queue)

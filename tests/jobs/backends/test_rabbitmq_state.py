@@ -116,9 +116,7 @@ async def test_a_thousand_waiters_share_two_connections_and_send_nothing_while_i
             assert proxy.connections <= 2
 
 
-async def test_a_waiter_wakes_within_milliseconds_of_another_store_finishing_the_job(
-    amqp_url: str, queue: str
-) -> None:
+async def test_a_waiter_wakes_within_milliseconds_of_another_store_finishing_the_job(amqp_url: str, queue: str) -> None:
     async with opened(amqp_url) as writer, opened(amqp_url) as waiting:
         loop = asyncio.get_running_loop()
         wakes = []
@@ -128,8 +126,9 @@ async def test_a_waiter_wakes_within_milliseconds_of_another_store_finishing_the
             job_id = f"job-{n}"
             await writer.record(queue, published(job_id))
             waiter = asyncio.create_task(waiting.wait(queue, job_id, timeout=10))
-            while job_id not in log.watches or log.next_sync is not None or log.sync_lock.locked():
-                await asyncio.sleep(0.002)  # until its first read is done: it then waits for the change
+            # Until its first read is done (it then waits for the change); the store has no event to wait on.
+            while job_id not in log.watches or log.next_sync is not None or log.sync_lock.locked():  # noqa: ASYNC110
+                await asyncio.sleep(0.002)
             await asyncio.sleep(0.01)
             started = loop.time()
             await writer.record(queue, succeeded(job_id))
@@ -244,7 +243,7 @@ async def test_a_cancel_racing_the_consumer_never_lets_a_cancelled_job_start(amq
             consumer.stop()
             await asyncio.wait_for(consuming, 20)
     tally: dict[CancelOutcome, int] = {}
-    for job, outcome, info in zip(jobs, outcomes, finals):
+    for job, outcome, info in zip(jobs, outcomes, finals, strict=True):
         tally[outcome] = tally.get(outcome, 0) + 1
         runs = started.count(job.id)
         assert runs <= 1, f"{job.id} ran {runs} times"  # a cancelled job never runs its retries
