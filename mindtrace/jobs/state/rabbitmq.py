@@ -484,15 +484,21 @@ class RabbitMQStateStore(StateStore):
 
     # -- publishing events --------------------------------------------------------------------------
 
-    async def _publish(self, log: _Log, event: dict[str, Any]) -> Any:
+    async def _publish(self, log: _Log, event: dict[str, Any], *, unroutable: bool = False) -> Any:
         """Publish ``event`` to the queue's stream (confirmed) and return once this store folded it: what the
-        fold made of it (a cancel's outcome, else None)."""
+        fold made of it (a cancel's outcome, else None). A stream that takes no events raises
+        BackendUnavailableError, or _StreamGone with ``unroutable`` (to tell a deleted stream from one starting)."""
         key = f"{self._name}-{next(self._serial)}"
         body = json.dumps({**event, "e": key}, separators=(",", ":")).encode()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         try:
-            await self._send(log, body, str(event.get("id", "")))
+            try:
+                await self._send(log, body, str(event.get("id", "")))
+            except _StreamGone:
+                if unroutable:
+                    raise
+                raise self._not_taking(log) from None
             return await self._progressing(log, future, "reading back an event")
         finally:
             self._pending.pop(key, None)
@@ -527,16 +533,17 @@ class RabbitMQStateStore(StateStore):
         """Publish ``event`` to the queue's stream; a stream deleted meanwhile is followed anew and written again."""
         log = await self._attached(queue)
         try:
-            return await self._publish(log, event)
+            return await self._publish(log, event, unroutable=True)
         except _StreamGone:
-            self._reset(log)
-        log = await self._attached(queue)
-        try:
-            return await self._publish(log, event)
-        except _StreamGone:
-            raise self._channels.endpoint.unavailable(
-                f"the record stream {log.stream} was deleted twice under a write"
-            ) from None
+            if await self._declare(log.stream, passive=True):
+                raise self._not_taking(log) from None
+            self._reset(log)  # deleted by another process's forget_queue: the queue starts with no records
+        return await self._publish(await self._attached(queue), event)
+
+    def _not_taking(self, log: _Log) -> BackendError:
+        return self._channels.endpoint.unavailable(
+            f"the record stream {log.stream} on {self.describe()} takes no events (is its node starting?)"
+        )
 
     async def _sync(self, log: _Log) -> None:
         """Return once this store folded every event confirmed before the call (one barrier event serves every
