@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -14,7 +15,7 @@ from benchmarks.harness import Report, best_of, median, percentile, rate
 from benchmarks.ours import make_jobs, queue_name
 from mindtrace.jobs import AsyncConsumer, AsyncOrchestrator, Job, LocalClient, from_url
 from mindtrace.jobs.backends.base import Backend, Delivery
-from mindtrace.jobs.lifecycle import StateUpdate
+from mindtrace.jobs.lifecycle import JobStatus, StateUpdate
 from mindtrace.jobs.policy import Outcome
 from mindtrace.jobs.state.redis import RedisStateStore
 
@@ -226,6 +227,38 @@ async def lookups(config: Config, n: int) -> dict[str, list[float]]:
     return out
 
 
+async def first_lookups(config: Config, n: int, tries: int = 3) -> tuple[list[float], list[float]]:
+    """ms of the first and of a later ``info()`` of a job another process published, by an orchestrator that
+    never used the queue before, once the queue's store holds ``n`` finished jobs (QUEUED, RUNNING and
+    SUCCEEDED written for each, as a consumer writes them); ``tries`` fresh orchestrators, one after another."""
+    firsts: list[float] = []
+    laters: list[float] = []
+    async with _pair(config) as (writer, _):
+        queue = queue_name()
+        await writer.declare_queue(queue)
+        ids = [uuid.uuid4().hex for _ in range(n)]
+        output = json.dumps(OUTPUT)
+        for start in range(0, n, 1000):
+            chunk = ids[start : start + 1000]
+            await writer.state.record_many(queue, [StateUpdate(i, JobStatus.QUEUED, kind="published") for i in chunk])
+            await writer.state.record_many(queue, [StateUpdate(i, JobStatus.RUNNING, attempts=1) for i in chunk])
+            done = [StateUpdate(i, JobStatus.SUCCEEDED, attempts=1, output=output, ttl=3600) for i in chunk]
+            await writer.state.record_many(queue, done)
+        for attempt in range(tries):
+            async with _pair(config) as (reader, _):
+                await reader.state.connect()
+                started = time.perf_counter()
+                first = await reader.job(ids[attempt], queue).info()
+                mid = time.perf_counter()
+                later = await reader.job(ids[-1 - attempt], queue).info()
+                end = time.perf_counter()
+                assert first.terminal and later.terminal, (first, later)
+                firsts.append((mid - started) * 1000)
+                laters.append((end - mid) * 1000)
+        await writer.delete_queue(queue)
+    return firsts, laters
+
+
 class _Returning(AsyncConsumer):
     """A trivial run that returns a small output (kept as the job's result where records are)."""
 
@@ -344,6 +377,12 @@ async def run_config(report: Report, config: Config, args: Any) -> None:
     report.add(
         name, "status lookup p50", "reattached", percentile(looked["reattached"], 50), "ms", "orch.job(id, q).info()"
     )
+    if config.name != "memory" and args.lifecycle_replay_n > 0:
+        firsts, laters = await first_lookups(config, args.lifecycle_replay_n)
+        n = args.lifecycle_replay_n
+        note = f"orch.job(id, q).info() by a fresh orchestrator, {n:,} finished jobs kept (3 events each), median of 3"
+        report.add(name, "first lookup on a queue", "ours", median(firsts), "ms", note)
+        report.add(name, "lookup after the first", "ours", median(laters), "ms", "the same orchestrator, next job")
     per = max(1, args.lifecycle_drain_n // args.rounds)
     best = await best_of(
         args.rounds,

@@ -385,7 +385,7 @@ class RabbitMQStateStore(StateStore):
                 return  # already folded (a resumed consumer starts at a chunk boundary)
             log.offset = offset
         self._fold(log, message.body)
-        log.last_tag = message.delivery_tag
+        log.last_tag = getattr(message.delivery, "delivery_tag", None)  # a basic.deliver's (aiormq 6 and 7)
         log.unacked += 1
         if log.unacked >= _ACK_EVERY:
             self._ack(log)
