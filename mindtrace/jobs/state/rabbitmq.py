@@ -51,6 +51,11 @@ class _StreamGone(Exception):
     """The queue's stream was deleted under a publish (``forget_queue`` of another process)."""
 
 
+class _NotReady(Exception):
+    """The broker refused to consume the stream for now (just declared: "does not have a replica on the local
+    node" until its member has started)."""
+
+
 @dataclass(eq=False)
 class _Log:
     """One queue's stream as this store follows it: the consumer, and the records its events folded to."""
@@ -276,8 +281,19 @@ class RabbitMQStateStore(StateStore):
         return log
 
     async def _attach(self, log: _Log) -> None:
-        if log.tag is None:
-            await self._subscribe(log, passive=False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.operation_timeout
+        backoff = 0.02
+        while log.tag is None:
+            try:
+                await self._subscribe(log, passive=False)
+            except _NotReady as exc:
+                if loop.time() >= deadline:
+                    raise self._channels.endpoint.unavailable(
+                        f"cannot follow the record stream {log.stream} on {self.describe()}: {exc}"
+                    ) from None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _RETRY_CAP)
         await self._publish(log, {"m": "sync"})
 
     async def _declare(self, stream: str, *, passive: bool) -> bool:
@@ -313,14 +329,17 @@ class RabbitMQStateStore(StateStore):
                 channel.close_callbacks.add(functools.partial(self._on_channel_closed, log))
                 _on_consumer_cancel(underlay, functools.partial(self._on_consumer_cancelled, log))
                 offset: int | str = "first" if log.offset is None else log.offset + 1
-                await underlay.basic_consume(
-                    log.stream,
-                    functools.partial(self._deliver, log, tag),
-                    no_ack=False,
-                    consumer_tag=tag,
-                    arguments={"x-stream-offset": offset},
-                    timeout=self.operation_timeout,
-                )
+                try:
+                    await underlay.basic_consume(
+                        log.stream,
+                        functools.partial(self._deliver, log, tag),
+                        no_ack=False,
+                        consumer_tag=tag,
+                        arguments={"x-stream-offset": offset},
+                        timeout=self.operation_timeout,
+                    )
+                except ChannelPreconditionFailed as exc:
+                    raise _NotReady(str(exc)) from exc
             except BaseException:
                 if log.channel is channel:
                     log.channel = log.underlay = log.tag = None
@@ -357,7 +376,7 @@ class RabbitMQStateStore(StateStore):
                     self._reset(log)  # deleted while we were away
                     return
                 break
-            except (BackendError, ClosedError, ChannelInvalidStateError) as exc:
+            except (BackendError, ClosedError, ChannelInvalidStateError, _NotReady) as exc:
                 logger.debug("following the records of %r again failed, retrying: %s", log.queue, exc)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _RETRY_CAP)
