@@ -24,7 +24,7 @@ from aiormq.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity, C
 from mindtrace.jobs.backends.rabbitmq.compat import _on_consumer_cancel
 from mindtrace.jobs.backends.rabbitmq.topology import records_stream_arguments, records_stream_name
 from mindtrace.jobs.constants import AMQP_RECORDS_MAX_AGE, RESULT_TTL
-from mindtrace.jobs.errors import BackendError, ClosedError
+from mindtrace.jobs.errors import BackendError, BackendUnavailableError, ClosedError
 from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus, StateUpdate
 from mindtrace.jobs.state.base import CancelCallback, CancelListener, StateCapabilities, StateStore, Watch, changed
 
@@ -287,8 +287,13 @@ class RabbitMQStateStore(StateStore):
         while log.tag is None:
             try:
                 await self._subscribe(log, passive=False)
-            except _NotReady as exc:
+            except (_NotReady, BackendUnavailableError) as exc:
+                # A stream just declared (here or by another process) refuses consumers until its writer has
+                # started; RabbitMQ 3.10 may even close the whole connection then (INTERNAL_ERROR), which
+                # reconnects by itself.
                 if loop.time() >= deadline:
+                    if isinstance(exc, BackendUnavailableError):
+                        raise
                     raise self._channels.endpoint.unavailable(
                         f"cannot follow the record stream {log.stream} on {self.describe()}: {exc}"
                     ) from None
