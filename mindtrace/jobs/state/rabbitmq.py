@@ -74,6 +74,7 @@ class _Log:
     attaching: asyncio.Future[None] | None = None
     next_sync: asyncio.Future[None] | None = None
     sync_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    subscribing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one consumer at a time, never two
     unacked: int = 0
     last_tag: int | None = None
     ack_scheduled: bool = False
@@ -321,6 +322,12 @@ class RabbitMQStateStore(StateStore):
 
     async def _subscribe(self, log: _Log, *, passive: bool) -> bool:
         """Consume the stream from its start (or after the last event folded); False if passive and it is gone."""
+        async with log.subscribing:
+            if log.tag is not None:
+                return True  # subscribed meanwhile (a resume and a first use at once)
+            return await self._consume(log, passive=passive)
+
+    async def _consume(self, log: _Log, *, passive: bool) -> bool:
         if not await self._declare(log.stream, passive=passive):
             return False
         with self._channels.boundary():
@@ -612,9 +619,7 @@ class RabbitMQStateStore(StateStore):
                     await underlay.queue_delete(stream, timeout=self.operation_timeout)
         log = self._logs.get(queue)
         if log is not None:
-            channel, attaching = log.channel, log.attaching
-            if attaching is not None and not attaching.done():
-                attaching.cancel()  # a resume would follow the deleted stream
+            channel = log.channel
             self._reset(log)
             if channel is not None:
                 await self._channels.discard(channel)
