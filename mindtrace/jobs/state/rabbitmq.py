@@ -314,7 +314,11 @@ class RabbitMQStateStore(StateStore):
                         arguments=None if passive else records_stream_arguments(self.max_age),
                         timeout=self.operation_timeout,
                     )
-                except ChannelNotFoundEntity:
+                except ChannelNotFoundEntity as exc:
+                    # NOT_FOUND also says "home node ... of durable queue ... is down or inaccessible" while a
+                    # restarted node brings its streams back: only "no queue" means it is gone.
+                    if "no queue" not in str(exc):
+                        raise _NotReady(str(exc)) from exc
                     return False
                 except ChannelPreconditionFailed as exc:  # declared with another max_age elsewhere: use it as is
                     logger.debug("the record stream %s exists with other arguments: %s", stream, exc)
@@ -566,7 +570,11 @@ class RabbitMQStateStore(StateStore):
         try:
             return await self._publish(log, event, unroutable=True)
         except _StreamGone:
-            if await self._declare(log.stream, passive=True):
+            try:
+                exists = await self._declare(log.stream, passive=True)
+            except _NotReady:
+                exists = True
+            if exists:
                 raise self._not_taking(log) from None
             self._reset(log)  # deleted by another process's forget_queue: the queue starts with no records
         return await self._publish(await self._attached(queue), event)

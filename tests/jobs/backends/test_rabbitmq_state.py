@@ -250,8 +250,9 @@ async def test_a_cancel_racing_the_consumer_never_lets_a_cancelled_job_start(amq
         if outcome is CancelOutcome.CANCELLED:
             assert runs == 0 and info.status is JobStatus.CANCELLED and info.output is None, (job.id, info)
         elif outcome is CancelOutcome.CANCELLING:
-            # Cancelling a running job is best effort: the run may return before the consumer hears it.
-            assert runs == 1 and info.status in (JobStatus.CANCELLED, JobStatus.SUCCEEDED), (job.id, info)
+            # Recorded RUNNING: its consumer heard the cancel, before its run began (then it never starts) or
+            # during it; cancelling a running job is best effort: the run may return before the cancel arrives.
+            assert info.status in (JobStatus.CANCELLED, JobStatus.SUCCEEDED), (job.id, info)
             if info.status is JobStatus.CANCELLED:
                 assert info.output is None
         else:
