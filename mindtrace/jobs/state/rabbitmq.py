@@ -113,11 +113,12 @@ class _RabbitMQWatch(Watch):
                 # Even a wait with no time left reads once, so a job finished before it returns at once.
                 limit = None if deadline is None else max(store.operation_timeout, deadline - loop.time())
                 try:
-                    log = await asyncio.wait_for(store._attached(self._queue), limit)
                     # Followed first (the fold wakes this watch from now on), then read after a barrier.
+                    log = store._log_of(self._queue)
                     log.watches.setdefault(self._job_id, set()).add(self._changed)
                     self._log = log
-                    await asyncio.wait_for(store._sync(log), limit)
+                    if await asyncio.wait_for(store._following(self._queue, create=False), limit) is not None:
+                        await asyncio.wait_for(store._sync(log), limit)
                     break
                 except asyncio.TimeoutError:
                     return None
@@ -269,25 +270,43 @@ class RabbitMQStateStore(StateStore):
 
     # -- following a queue's stream -----------------------------------------------------------------
 
-    async def _attached(self, queue: str) -> _Log:
-        """The queue's log, its consumer subscribed and its stream replayed up to a barrier (on first use)."""
-        await self._ensure_connected()
+    def _log_of(self, queue: str) -> _Log:
         log = self._logs.get(queue)
         if log is None:
             log = self._logs[queue] = _Log(queue, records_stream_name(queue))
-        attaching = log.attaching
-        if attaching is None or (attaching.done() and (log.tag is None or not _succeeded(attaching))):
-            attaching = log.attaching = self._spawn(self._attach(log))
-        await self._progressing(log, attaching, "following the records")
         return log
 
-    async def _attach(self, log: _Log) -> None:
+    async def _attached(self, queue: str) -> _Log:
+        """The queue's log, its consumer subscribed and its stream replayed up to a barrier (on first use; the
+        stream is declared if missing)."""
+        log = await self._following(queue, create=True)
+        assert log is not None
+        return log
+
+    async def _following(self, queue: str, *, create: bool) -> _Log | None:
+        """As ``_attached``; without ``create``, None when the queue has no stream (no record was ever written
+        there): reads never declare one, so a process that only looks (or consumes a dead-letter queue) leaves
+        no stream behind."""
+        await self._ensure_connected()
+        log = self._log_of(queue)
+        for _ in range(2):
+            attaching = log.attaching
+            if attaching is None or (attaching.done() and (log.tag is None or not _succeeded(attaching))):
+                attaching = log.attaching = self._spawn(self._attach(log, create=create))
+            await self._progressing(log, attaching, "following the records")
+            if log.tag is not None or not create:
+                break
+            # What we waited for was a look-up that found no stream; this write declares it.
+        return log if log.tag is not None else None
+
+    async def _attach(self, log: _Log, *, create: bool) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.operation_timeout
         backoff = 0.02
         while log.tag is None:
             try:
-                await self._subscribe(log, passive=False)
+                if not await self._subscribe(log, passive=not create):
+                    return  # no stream, and only a look-up asked
             except (_NotReady, BackendUnavailableError) as exc:
                 # A stream just declared (here or by another process) refuses consumers until its writer has
                 # started; RabbitMQ 3.10 may even close the whole connection then (INTERNAL_ERROR), which
@@ -635,7 +654,9 @@ class RabbitMQStateStore(StateStore):
     # -- the contract: reads ------------------------------------------------------------------------
 
     async def info(self, queue: str, job_id: str) -> JobInfo:
-        log = await self._attached(queue)
+        log = await self._following(queue, create=False)
+        if log is None:
+            return JobInfo(job_id=job_id, queue=queue)
         await self._sync(log)
         return self._read(log, job_id)
 
@@ -648,19 +669,31 @@ class RabbitMQStateStore(StateStore):
         event: dict[str, Any] = {"m": "cancel", "id": job_id, "at": repr(time.time()), "ttl": repr(self.cancelled_ttl)}
         if reason is not None:
             event["reason"] = reason
+        if await self._following(queue, create=False) is None:
+            return CancelOutcome.NOT_FOUND  # no record was ever written on the queue
         outcome = await self._write(queue, event)
         return outcome if isinstance(outcome, CancelOutcome) else CancelOutcome.NOT_FOUND
 
     async def cancel_requested(self, queue: str, job_id: str) -> str | None:
         # Local: the consumer asks right after its RUNNING write, which returned once this fold had it.
-        log = await self._attached(queue)
+        log = await self._following(queue, create=False)
+        if log is None:
+            return None
         info = self._read(log, job_id)
         if info.cancel_requested or info.status is JobStatus.CANCELLED:
             return info.reason or ""
         return None
 
     async def listen_cancels(self, queue: str, callback: CancelCallback) -> CancelListener:
-        return _RabbitMQListener(await self._attached(queue), callback)
+        # Heard from the fold of the queue's stream, which this store follows from its first record there on
+        # (a queue with no stream yet is followed from the consumer's first RUNNING write).
+        listener = _RabbitMQListener(self._log_of(queue), callback)
+        try:
+            await self._following(queue, create=False)
+        except BaseException:
+            await listener.close()
+            raise
+        return listener
 
 
 def _succeeded(future: asyncio.Future[Any]) -> bool:

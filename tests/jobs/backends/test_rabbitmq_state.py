@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from mindtrace.jobs import AsyncConsumer, AsyncOrchestrator, Job, RabbitMQClient
+from mindtrace.jobs.backends.rabbitmq.topology import records_stream_name
 from mindtrace.jobs.lifecycle import CancelOutcome, JobStatus, StateUpdate
 from mindtrace.jobs.state import state_store_from_url
 from mindtrace.jobs.state.rabbitmq import RabbitMQStateStore
@@ -288,3 +289,20 @@ async def test_records_and_waiters_survive_a_restart_of_the_broker(queue: str) -
             assert (await fresh.info(queue, "later")).status is JobStatus.SUCCEEDED
     finally:
         await asyncio.to_thread(node.cleanup)
+
+
+async def test_looking_at_a_queue_with_no_records_declares_no_stream(amqp_url: str, queue: str) -> None:
+    async with opened(amqp_url) as store:
+        assert (await store.info(queue, "nobody")).status is JobStatus.UNKNOWN
+        assert (await store.wait(queue, "nobody", timeout=1)).status is JobStatus.UNKNOWN
+        assert await store.cancel(queue, "nobody") is CancelOutcome.NOT_FOUND
+        assert await store.cancel_requested(queue, "nobody") is None
+        heard: list[str] = []
+        listener = await store.listen_cancels(queue, lambda job_id, reason: heard.append(job_id))
+        assert not await store._declare(records_stream_name(queue), passive=True)
+        # The first write declares it, and the listener registered before hears the queue from then on.
+        await store.record(queue, published("later"))
+        await store.record(queue, StateUpdate("later", JobStatus.RUNNING, attempts=1))
+        assert await store.cancel(queue, "later") is CancelOutcome.CANCELLING
+        assert heard == ["later"]
+        await listener.close()
