@@ -634,7 +634,8 @@ class RabbitMQStateStore(StateStore):
         await self._write(queue, update.to_fields())
 
     async def purged(self, queue: str, at: float) -> None:
-        await self._write(queue, {"m": "purge", "at": repr(at)})
+        if await self._following(queue, create=False) is not None:  # no stream: no records to forget
+            await self._write(queue, {"m": "purge", "at": repr(at)})
 
     async def forget_queue(self, queue: str) -> None:
         await self._ensure_connected()
