@@ -207,12 +207,18 @@ class RabbitMQStateStore(StateStore):
         self._closed = False
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> RabbitMQStateStore:
+    def from_url(
+        cls, url: str, *, max_age: float = AMQP_RECORDS_MAX_AGE, cancelled_ttl: float = RESULT_TTL, **kwargs: Any
+    ) -> RabbitMQStateStore:
         """A store for an ``amqp://`` or ``amqps://`` URL, with the URL forms and options of
-        :meth:`RabbitMQClient.from_url <mindtrace.jobs.RabbitMQClient.from_url>`."""
+        :meth:`RabbitMQClient.from_url <mindtrace.jobs.RabbitMQClient.from_url>`; give it to an orchestrator
+        as ``state=``. ``max_age``: seconds the streams it declares keep their events (a stream that exists
+        keeps the arguments it was declared with); ``cancelled_ttl``: retention of a job cancelled unrun."""
         from mindtrace.jobs.backends.rabbitmq import RabbitMQClient
 
-        return RabbitMQClient.from_url(url, **kwargs).state_store()
+        store = RabbitMQClient.from_url(url, **kwargs).state_store()
+        store.max_age, store.cancelled_ttl = max_age, cancelled_ttl
+        return store
 
     def describe(self) -> str:
         return self._channels.backend
