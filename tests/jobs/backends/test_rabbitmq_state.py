@@ -85,6 +85,8 @@ async def test_the_url_gives_a_rabbitmq_store_and_the_client_has_one(amqp_url: s
     assert client.capabilities.job_records
     assert isinstance(client.state_store(), RabbitMQStateStore) and client.state_store() is client.state_store()
     assert not store.capabilities.direct_lookup and store.capabilities.survives_restart
+    tuned = RabbitMQStateStore.from_url(amqp_url, max_age=600, cancelled_ttl=60, heartbeat=5)
+    assert (tuned.max_age, tuned.cancelled_ttl) == (600, 60)
 
 
 async def test_a_thousand_waiters_share_two_connections_and_send_nothing_while_idle(
