@@ -174,7 +174,7 @@ def targets(report: Report) -> list[dict[str, Any]]:
             ">=",
             0.5,
         )
-    for backend in ("memory", "redis", "rabbitmq+redis"):
+    for backend in ("memory", "redis", "rabbitmq", "rabbitmq+redis"):
         ratio = report.get(backend, lifecycle.DRAIN_RATIO, "ours")
         if ratio is not None:
             add(backend, "drain with records / without (state=False)", ratio, ">=", 0.8)
@@ -244,6 +244,9 @@ def main() -> None:
     )
     parser.add_argument("--lifecycle-n", type=int, default=200, help="jobs for the lifecycle percentiles")
     parser.add_argument("--lifecycle-drain-n", type=int, default=6000, help="jobs per lifecycle drain side")
+    parser.add_argument(
+        "--lifecycle-replay-n", type=int, default=10_000, help="finished jobs kept for the first-lookup row (0: skip)"
+    )
     parser.add_argument("--lifecycle-mem-n", type=int, default=2000, help="retained results for Redis memory (0: skip)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, of {','.join(SECTIONS)}")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/latest.json"))

@@ -48,6 +48,15 @@ AMQP_EXCHANGE: Final = "mindtrace.jobs"
 #: AMQP heartbeat (seconds): a silent peer is declared dead after about twice this.
 AMQP_HEARTBEAT: Final = 30
 
+#: Seconds the job-record stream of a RabbitMQ queue keeps its events (its ``x-max-age``): a process that starts
+#: later replays this much of it on its first look-up of the queue, so records older than this (a job queued,
+#: or a result kept, for longer) read UNKNOWN there; processes that were following the stream keep them.
+AMQP_RECORDS_MAX_AGE: Final = 24 * 3600.0
+
+#: Bytes per segment file of a job-record stream: age retention drops whole segments only (RabbitMQ's default
+#: segment is 500 MB, which a queue's records would take long to fill).
+AMQP_RECORDS_SEGMENT_BYTES: Final = 8_000_000
+
 #: Seconds between reconnect attempts of the robust RabbitMQ connection.
 AMQP_RECONNECT_INTERVAL: Final = 1.0
 

@@ -487,6 +487,9 @@ class AsyncOrchestrator:
         await self.backend.delete_queue(queue_name)
         if self.records and not self._fused():
             await self.state.forget_queue(queue_name)
+            dlq = dead_letter_queue_name(queue_name)
+            if dlq != queue_name:  # deleted with it, its records too
+                await self.state.forget_queue(dlq)
         self._known_queues.pop(queue_name, None)
 
     async def requeue_dead_letters(self, queue_name: str, limit: int | None = None) -> int:

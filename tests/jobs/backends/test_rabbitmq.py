@@ -243,7 +243,9 @@ async def test_a_publish_whose_confirm_never_comes_is_a_publish_error(
     schema = image_schema(queue)
     await orchestrator.register(schema)
     with TcpProxy(*loopback_broker) as proxy:
-        async with AsyncOrchestrator(proxied_client(amqp_url, proxy, operation_timeout=1.0)) as stalled:
+        # Without records: with them the job's QUEUED record goes to the store's stream first, and the same stall
+        # raises BackendUnavailableError there, before the job itself is sent.
+        async with AsyncOrchestrator(proxied_client(amqp_url, proxy, operation_timeout=1.0), state=False) as stalled:
             await stalled.publish(queue, make_job(schema, 1))
             proxy.blackhole()
             job = make_job(schema, 2)

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 
@@ -45,6 +45,14 @@ RESUME_TIMEOUT = 20.0
 #: Jobs that may run twice per restart: each consumer's unacked ones, each publisher's retried one, and on
 #: RabbitMQ acks still in memory when the node is killed (measured: up to 12 with 2 x 4 slots and 3 publishers).
 DUPLICATES_PER_RESTART = 2 * (CONSUMERS * CONCURRENCY) + 3
+
+
+def recordless(url: str) -> dict[str, Any]:
+    """Orchestrator options for these scenarios: on RabbitMQ, no job records (``state=False``), as before it kept
+    any. A single RabbitMQ 3.10 node killed with SIGKILL may bring a stream back "down" (no leader) and keep it
+    so, and then a RabbitMQStateStore can write no records and its consumers settle nothing: an open problem
+    of that store (see the README), not what these tests are about (jobs in the broker's queues)."""
+    return {"state": False} if url.startswith("amqp") else {}
 
 
 class Restartable(Protocol):
@@ -97,7 +105,7 @@ async def test_jobs_whose_publish_returned_survive_broker_restarts(
     workers = Workers(broker.url, queue, ledger.path)
     outages: list[tuple[float, float, bool]] = []  # (stopped at, back at, killed)
     try:
-        async with AsyncOrchestrator(broker.url) as orchestrator:
+        async with AsyncOrchestrator(broker.url, **recordless(broker.url)) as orchestrator:
             schema = image_schema(queue)
             await orchestrator.register(schema)
             for _ in range(CONSUMERS):
@@ -111,6 +119,7 @@ async def test_jobs_whose_publish_returned_survive_broker_restarts(
                     # the xfail test below): give the retry budget one attempt per restart on top of the default.
                     "--max-retries",
                     str(3 + RESTARTS),
+                    *(["--no-records"] if recordless(broker.url) else []),
                 )
             publishers = Publishers(orchestrator, schema, ledger, SOAK_JOBS, hold=True)
             publishing = asyncio.create_task(publishers.run())
@@ -171,12 +180,12 @@ async def test_a_crash_charges_no_attempt_to_jobs_that_never_ran(
         request.applymarker(pytest.mark.xfail(strict=True, reason=CRASH_CHARGES_EVERY_JOB))
     schema = image_schema(queue)
     jobs = [make_job(schema, i) for i in range(5)]
-    async with AsyncOrchestrator(broker.url) as orchestrator:
+    async with AsyncOrchestrator(broker.url, **recordless(broker.url)) as orchestrator:
         await orchestrator.register(schema)
         await orchestrator.publish_many(queue, jobs)
     await asyncio.to_thread(broker.restart, True)  # SIGKILL: no consumer ever saw these jobs
     runs: Counter[str] = Counter()
-    async with AsyncOrchestrator(broker.url) as orchestrator:
+    async with AsyncOrchestrator(broker.url, **recordless(broker.url)) as orchestrator:
         await orchestrator.register(schema)
         consumer = RunCounter(queue, runs, max_retries=0)  # one lost run charged would dead-letter a job
         consumer.connect(orchestrator)

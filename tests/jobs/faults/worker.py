@@ -39,7 +39,9 @@ async def main(args: argparse.Namespace) -> None:
     if args.visibility_timeout is not None:
         options["visibility_timeout"] = args.visibility_timeout
     ledger = Ledger(args.ledger)
-    async with AsyncOrchestrator(from_url(args.url, **options)) as orchestrator:
+    async with AsyncOrchestrator(
+        from_url(args.url, **options), state=False if args.no_records else None
+    ) as orchestrator:
         await orchestrator.register(image_schema(args.queue))
         consumer = LedgerConsumer(
             args.queue, ledger, args.job_seconds, max_retries=args.max_retries, retry_delay=0.05, retry_backoff=1.0
@@ -61,4 +63,5 @@ if __name__ == "__main__":
     parser.add_argument("--job-seconds", type=float, default=0.0)
     parser.add_argument("--max-retries", type=int, default=3)
     parser.add_argument("--visibility-timeout", type=float, default=None)
+    parser.add_argument("--no-records", action="store_true", help="keep no job records (state=False)")
     asyncio.run(main(parser.parse_args()))

@@ -64,6 +64,8 @@ class TcpProxy:
         self.port = 0
         #: Connections accepted so far.
         self.accepted = 0
+        #: Bytes forwarded from clients to the target so far (what the clients sent).
+        self.sent = 0
         self._blackholed = False
         self._delay = 0.0
         self._links: set[_Link] = set()
@@ -166,7 +168,7 @@ class TcpProxy:
         link = _Link(client_writer, upstream_writer)
         self._links.add(link)
         pumps = [
-            asyncio.ensure_future(self._pump(client_reader, upstream_writer)),
+            asyncio.ensure_future(self._pump(client_reader, upstream_writer, upstream=True)),
             asyncio.ensure_future(self._pump(upstream_reader, client_writer)),
         ]
         try:
@@ -178,7 +180,7 @@ class TcpProxy:
                 pump.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool = False) -> None:
         # Reading and writing are apart so that a delay holds back each chunk without slowing the stream.
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
@@ -195,6 +197,8 @@ class TcpProxy:
         try:
             with contextlib.suppress(ConnectionError, OSError):
                 while not sender.done() and (data := await reader.read(65536)):
+                    if upstream:
+                        self.sent += len(data)
                     if not self._blackholed:
                         chunks.put_nowait((loop.time() + self._delay, data))
                 chunks.put_nowait(None)  # end of stream: what is queued still goes out

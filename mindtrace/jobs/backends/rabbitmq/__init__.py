@@ -13,7 +13,7 @@ import contextlib
 import logging
 import ssl as _ssl
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
@@ -55,6 +55,9 @@ from mindtrace.jobs.errors import (
     QueueNotFoundError,
 )
 from mindtrace.jobs.lifecycle import StateUpdate
+
+if TYPE_CHECKING:
+    from mindtrace.jobs.state.rabbitmq import RabbitMQStateStore
 
 logger = logging.getLogger("mindtrace.jobs")
 
@@ -117,7 +120,7 @@ class RabbitMQClient(Backend):
         can_list_queues=False,
         shared_queues=True,
         unique_job_ids=False,
-        job_records=False,  # its state store is not written yet
+        job_records=True,  # RabbitMQStateStore: a stream per queue on the same broker
     )
 
     def __init__(
@@ -184,6 +187,26 @@ class RabbitMQClient(Backend):
         self._publisher = _Publisher(self._channels)
         self._receivers: set[_RabbitMQReceiver] = set()
         self._late_returns: set[asyncio.Task[Any]] = set()
+        self._state: RabbitMQStateStore | None = None
+
+    def state_store(self) -> RabbitMQStateStore:
+        """This client's job records: a RabbitMQStateStore on the same broker, with its own connections (made once)."""
+        if self._state is None:
+            from mindtrace.jobs.state.rabbitmq import RabbitMQStateStore
+
+            channels = _Channels(
+                endpoint=self.endpoint,
+                password=self._password,
+                ssl_context=self._ssl_context,
+                heartbeat=self.heartbeat,
+                connect_timeout=self.connect_timeout,
+                operation_timeout=self.operation_timeout,
+                reconnect_interval=self.reconnect_interval,
+                is_closed=lambda: self._state is not None and self._state._closed,
+                name="mindtrace.jobs records",
+            )
+            self._state = RabbitMQStateStore(channels)
+        return self._state
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RabbitMQClient:

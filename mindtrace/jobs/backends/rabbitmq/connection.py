@@ -90,7 +90,8 @@ class _Channels:
     the broker blocking the publishing connection. Operations (declare, count, purge, delete) take a pooled
     channel each (``ops_channel``); publishes go on one channel with publisher confirms (``confirm_channel``);
     each receiver lane opens a channel of its own (``open_channel``). ``backend`` is the client's
-    ``describe()``, for messages; ``is_closed`` tells whether the client was closed.
+    ``describe()``, for messages; ``is_closed`` tells whether the client was closed; ``name`` is the connections'
+    name the broker shows (the publishing one adds " publisher").
     """
 
     def __init__(
@@ -104,8 +105,10 @@ class _Channels:
         operation_timeout: float,
         reconnect_interval: float,
         is_closed: Callable[[], bool],
+        name: str = "mindtrace.jobs",
     ) -> None:
         self.endpoint = endpoint
+        self.name = name
         self._password = password
         self._ssl_context = ssl_context
         self.heartbeat = heartbeat
@@ -193,8 +196,8 @@ class _Channels:
         it is not reached within ``connect_timeout``.
         """
         opened = await asyncio.gather(
-            self._open_connection("mindtrace.jobs"),
-            self._open_connection("mindtrace.jobs publisher"),
+            self._open_connection(self.name),
+            self._open_connection(f"{self.name} publisher"),
             return_exceptions=True,
         )
         failed = [result for result in opened if isinstance(result, BaseException)]

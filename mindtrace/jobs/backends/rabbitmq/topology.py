@@ -7,7 +7,7 @@ import logging
 import math
 from typing import Any, Final
 
-from mindtrace.jobs.constants import AMQP_EXCHANGE, MAX_PRIORITY
+from mindtrace.jobs.constants import AMQP_EXCHANGE, AMQP_RECORDS_SEGMENT_BYTES, MAX_PRIORITY
 
 logger = logging.getLogger("mindtrace.jobs")
 
@@ -67,4 +67,19 @@ def retry_queue_arguments(queue: str, bucket_ms: int) -> dict[str, Any]:
         "x-dead-letter-exchange": EXCHANGE,
         "x-dead-letter-routing-key": queue,
         "x-expires": bucket_ms + _RETRY_QUEUE_GRACE_MS,
+    }
+
+
+def records_stream_name(queue: str) -> str:
+    """The stream queue that holds the job-record events of ``queue`` (RabbitMQStateStore); like the retry
+    queues, its ``:`` keeps it apart from every user queue."""
+    return f"{queue}:records"
+
+
+def records_stream_arguments(max_age: float) -> dict[str, Any]:
+    """The arguments of a job-record stream: a stream queue that drops segments older than ``max_age`` seconds."""
+    return {
+        "x-queue-type": "stream",
+        "x-max-age": f"{max(1, int(max_age))}s",
+        "x-stream-max-segment-size-bytes": AMQP_RECORDS_SEGMENT_BYTES,
     }
