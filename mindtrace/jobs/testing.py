@@ -16,9 +16,9 @@ Fixtures:
   (names or URLs). The names ``redis`` and ``rabbitmq`` mean ``MINDTRACE_JOBS_REDIS_URL`` (default
   ``redis://127.0.0.1:6379/0``) and ``MINDTRACE_JOBS_AMQP_URL`` (default ``amqp://guest:guest@127.0.0.1:5672/``).
   A broker that cannot be reached skips the test, saying which; under ``CI=true`` it fails it instead.
-- ``jobs_state_url``: where job records live (``state=`` of the orchestrators): ``--jobs-state URL`` or
-  ``MINDTRACE_JOBS_STATE_URL``; else None (the backend's own store) for a backend that keeps job records, and
-  the Redis above for one that does not yet (RabbitMQ), so that ``handle.result()`` works on every backend.
+- ``jobs_state_url``: where job records live (``state=`` of the orchestrators): ``--jobs-state URL`` (or
+  ``redis``) or ``MINDTRACE_JOBS_STATE_URL``, e.g. RabbitMQ with its records in Redis; else None (the
+  backend's own store).
 - ``jobs_orchestrator``: an :class:`AsyncOrchestrator` on that backend, one per test (a ``LocalClient`` is
   bound to the event loop it first ran on), closed after the test.
 - ``jobs_sync_orchestrator``: the blocking :class:`Orchestrator` on that backend, closed after the test. In
@@ -57,7 +57,6 @@ from mindtrace.jobs import (
     JobContext,
     Orchestrator,
     UsageError,
-    from_url,
 )
 from mindtrace.jobs._loop_thread import get_loop_thread
 from mindtrace.jobs.constants import MAX_RESULT_BYTES
@@ -228,14 +227,10 @@ def jobs_backend_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def jobs_state_url(request: pytest.FixtureRequest, jobs_backend_url: str) -> str | None:
+def jobs_state_url(request: pytest.FixtureRequest) -> str | None:
     """Where the orchestrators keep job records: a URL, or None for the backend's own store."""
     chosen = request.config.getoption("--jobs-state") or os.environ.get("MINDTRACE_JOBS_STATE_URL")
-    if chosen:
-        return _require(backend_url_for(str(chosen)))
-    if from_url(jobs_backend_url).capabilities.job_records:  # (an unconnected backend holds no connection)
-        return None
-    return _require(backend_url_for("redis"))  # RabbitMQ keeps no records of its own yet
+    return _require(backend_url_for(str(chosen))) if chosen else None
 
 
 @pytest.fixture

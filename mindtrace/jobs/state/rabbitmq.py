@@ -544,10 +544,20 @@ class RabbitMQStateStore(StateStore):
 
     # -- publishing events --------------------------------------------------------------------------
 
-    async def _publish(self, log: _Log, event: dict[str, Any], *, unroutable: bool = False) -> Any:
-        """Publish ``event`` to the queue's stream (confirmed) and return once this store folded it: what the
-        fold made of it (a cancel's outcome, else None). A stream that takes no events raises
+    async def _publish(self, log: _Log, event: dict[str, Any], *, unroutable: bool = False, folded: bool = True) -> Any:
+        """Publish ``event`` to the queue's stream (confirmed) and, if ``folded``, return once this store folded
+        it: what the fold made of it (a cancel's outcome, else None). A stream that takes no events raises
         BackendUnavailableError, or _StreamGone with ``unroutable`` (to tell a deleted stream from one starting)."""
+        if not folded:
+            # Confirmed is enough: a read in this process sends a barrier after it, which the fold reaches later.
+            body = json.dumps(event, separators=(",", ":")).encode()
+            try:
+                await self._send(log, body, str(event.get("id", "")))
+            except _StreamGone:
+                if unroutable:
+                    raise
+                raise self._not_taking(log) from None
+            return None
         key = f"{self._name}-{next(self._serial)}"
         body = json.dumps({**event, "e": key}, separators=(",", ":")).encode()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -589,11 +599,12 @@ class RabbitMQStateStore(StateStore):
                     if attempt == 2:
                         raise
 
-    async def _write(self, queue: str, event: dict[str, Any]) -> Any:
-        """Publish ``event`` to the queue's stream; a stream deleted meanwhile is followed anew and written again."""
+    async def _write(self, queue: str, event: dict[str, Any], *, folded: bool = True) -> Any:
+        """Publish ``event`` to the queue's stream (see ``_publish``); a stream deleted meanwhile is followed anew
+        and written again."""
         log = await self._attached(queue)
         try:
-            return await self._publish(log, event, unroutable=True)
+            return await self._publish(log, event, unroutable=True, folded=folded)
         except _StreamGone:
             try:
                 exists = await self._declare(log.stream, passive=True)
@@ -602,7 +613,7 @@ class RabbitMQStateStore(StateStore):
             if exists:
                 raise self._not_taking(log) from None
             self._reset(log)  # deleted by another process's forget_queue: the queue starts with no records
-        return await self._publish(await self._attached(queue), event)
+        return await self._publish(await self._attached(queue), event, folded=folded)
 
     def _not_taking(self, log: _Log) -> BackendError:
         return self._channels.endpoint.unavailable(
@@ -637,7 +648,14 @@ class RabbitMQStateStore(StateStore):
     # -- the contract: writes -----------------------------------------------------------------------
 
     async def record(self, queue: str, update: StateUpdate) -> None:
+        # Returns once confirmed: this process's reads send a barrier after it, so they still see it.
+        await self._write(queue, update.to_fields(), folded=False)
+
+    async def started(self, queue: str, update: StateUpdate) -> str | None:
+        # RUNNING returns once this store's fold has it, so the cancel check after it reads every cancel folded
+        # before it, and a cancel folded after it finds the job running and reaches its listener.
         await self._write(queue, update.to_fields())
+        return await self.cancel_requested(queue, update.job_id)
 
     async def purged(self, queue: str, at: float) -> None:
         if await self._following(queue, create=False) is not None:  # no stream: no records to forget
@@ -682,7 +700,7 @@ class RabbitMQStateStore(StateStore):
         return outcome if isinstance(outcome, CancelOutcome) else CancelOutcome.NOT_FOUND
 
     async def cancel_requested(self, queue: str, job_id: str) -> str | None:
-        # Local: the consumer asks right after its RUNNING write, which returned once this fold had it.
+        # Local: the consumer asks in started(), right after its RUNNING write returned once this fold had it.
         log = await self._following(queue, create=False)
         if log is None:
             return None
