@@ -26,13 +26,18 @@ APIS = ("async", "sync")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """On aiormq 6 (aio-pika 9, all Python 3.10 installs), tolerate the driver's own socket leak; see below."""
+    """On aiormq 6 (aio-pika 9, all Python 3.10 installs), tolerate the driver's own leaks; see below."""
     if int(importlib.metadata.version("aiormq").split(".")[0]) < 7:
         # aiormq 6 never closes the socket of a connection the broker or the network closed (aiormq 7 does):
         # garbage collection closes it later with a ResourceWarning, which filterwarnings=error would pin on
-        # whichever test runs then. Only these two unraisable warnings are let through, and only on aiormq 6.
+        # whichever test runs then (and a writer coroutine it never awaits, the same way). Only these unraisable
+        # warnings are let through, and only on aiormq 6.
         # (As an ini line for the tests, and in the session's filters for what is collected at the end.)
-        for leaked in ("<socket.socket", "<function _SelectorTransport.__del__"):
+        for leaked in (
+            "<socket.socket",
+            "<function _SelectorTransport.__del__",
+            "<coroutine object Connection.__writer",
+        ):
             message = f"Exception ignored in. {re.escape(leaked)}"
             config.addinivalue_line("filterwarnings", f"ignore:{message}:pytest.PytestUnraisableExceptionWarning")
             warnings.filterwarnings("ignore", message, pytest.PytestUnraisableExceptionWarning)
