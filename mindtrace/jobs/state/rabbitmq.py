@@ -548,20 +548,12 @@ class RabbitMQStateStore(StateStore):
         """Publish ``event`` to the queue's stream (confirmed) and, if ``folded``, return once this store folded
         it: what the fold made of it (a cancel's outcome, else None). A stream that takes no events raises
         BackendUnavailableError, or _StreamGone with ``unroutable`` (to tell a deleted stream from one starting)."""
-        if not folded:
-            # Confirmed is enough: a read in this process sends a barrier after it, which the fold reaches later.
-            body = json.dumps(event, separators=(",", ":")).encode()
-            try:
-                await self._send(log, body, str(event.get("id", "")))
-            except _StreamGone:
-                if unroutable:
-                    raise
-                raise self._not_taking(log) from None
-            return None
-        key = f"{self._name}-{next(self._serial)}"
-        body = json.dumps({**event, "e": key}, separators=(",", ":")).encode()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
+        # Unfolded, confirmed is enough: a read in this process sends a barrier after it, which the fold reaches.
+        key = f"{self._name}-{next(self._serial)}" if folded else None
+        body = json.dumps(event if key is None else {**event, "e": key}, separators=(",", ":")).encode()
+        future: asyncio.Future[Any] | None = None
+        if key is not None:
+            future = self._pending[key] = asyncio.get_running_loop().create_future()
         try:
             try:
                 await self._send(log, body, str(event.get("id", "")))
@@ -569,9 +561,10 @@ class RabbitMQStateStore(StateStore):
                 if unroutable:
                     raise
                 raise self._not_taking(log) from None
-            return await self._progressing(log, future, "reading back an event")
+            return None if future is None else await self._progressing(log, future, "reading back an event")
         finally:
-            self._pending.pop(key, None)
+            if key is not None:
+                self._pending.pop(key, None)
 
     async def _send(self, log: _Log, body: bytes, job_id: str) -> None:
         """Publish one event (mandatory, confirmed); sent once more on a fresh channel if nothing was sent."""
