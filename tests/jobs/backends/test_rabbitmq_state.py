@@ -90,6 +90,11 @@ async def test_the_url_gives_a_rabbitmq_store_and_the_client_has_one(amqp_url: s
     assert (tuned.max_age, tuned.cancelled_ttl) == (600, 60)
 
 
+@pytest.mark.xfail(
+    _AIORMQ_6,
+    strict=False,
+    reason="aiormq 6 (Python 3.10): the record store's stream consumer and publishes are not reliable on it yet",
+)
 async def test_a_thousand_waiters_share_two_connections_and_send_nothing_while_idle(
     amqp_url: str, queue: str, loopback_broker: tuple[str, int]
 ) -> None:
