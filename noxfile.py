@@ -15,7 +15,12 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 #: The supported Pythons (pyproject: requires-python >= 3.10).
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 #: The conformance suite (every backend, both APIs) and the public API: what each supported Python runs.
-CONFORMANCE = ["tests/jobs/conformance", "tests/jobs/test_public_api.py"]
+CONFORMANCE = [
+    "tests/jobs/conformance",
+    "tests/jobs/test_public_api.py",
+    "tests/jobs/test_worker_lifecycle.py",
+    "tests/jobs/test_cli_worker.py",  # signals and shutdown meet each Python's asyncio
+]
 #: At the lowest admitted versions: the conformance suite, plus the backends' own tests (driver-specific paths,
 #: such as aio-pika 9's) and the blocking facade, the seeds and README's examples.
 LOWEST = [
@@ -25,6 +30,9 @@ LOWEST = [
     "tests/jobs/test_seed_examples.py",
     "tests/jobs/test_readme.py",
 ]
+#: What the nox lanes' pytest reports beyond the counts: failures and errors, whole. (Not -ra: on pytest 8 it
+#: also prints every expected failure's captured logs, hundreds of thousands of lines that hide a failure.)
+REPORT = ["-q", "-p", "no:cacheprovider", "-rfE"]
 #: The extras whose dependencies the ``lowest`` session pins to their floors, with the core dependencies.
 LOWEST_EXTRAS = ["redis", "rabbitmq", "test"]
 
@@ -70,7 +78,7 @@ def conformance(session: nox.Session) -> None:
     """
     session.install("-e", ".[test]")
     env = {} if os.environ.get("MINDTRACE_JOBS_BACKENDS") else {"MINDTRACE_JOBS_BACKENDS": "memory,redis,rabbitmq"}
-    session.run("python", "-m", "pytest", *CONFORMANCE, "-q", "-p", "no:cacheprovider", *session.posargs, env=env)
+    session.run("python", "-m", "pytest", *CONFORMANCE, *REPORT, *session.posargs, env=env)
 
 
 @nox.session(python=PYTHONS[0])
@@ -83,7 +91,7 @@ def lowest(session: nox.Session) -> None:
     pins = lowest_constraints(constraints)
     session.log("floors: " + ", ".join(f"{name}=={version}" for name, version in sorted(pins.items())))
     session.install("-c", str(constraints), "-e", ".[test]")
-    session.run("python", "-m", "pytest", *LOWEST, "-q", "-p", "no:cacheprovider", *session.posargs)
+    session.run("python", "-m", "pytest", *LOWEST, *REPORT, *session.posargs)
 
 
 @nox.session

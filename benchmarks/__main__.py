@@ -5,7 +5,9 @@ and 128, publish-to-start latency, each beside its raw-driver baseline; then the
 subprocess, see benchmarks/peers.py); then idle consumer CPU and resident memory per queued job; then the job
 lifecycle (benchmarks/lifecycle.py: finish -> waiter wakes, status lookups, cancel -> run, drain with and
 without records, Redis memory per retained result). ``--only`` runs some sections: facade, core, peers,
-resources, lifecycle. Throughput pairs that make a target ratio are measured side by side: ``--rounds``
+resources, lifecycle, hooks (the drain with the PrometheusHook beside the hook-free drain), delays (how late
+1,000 delayed jobs with random delays of 0.1-5 s start, per backend). Throughput pairs
+that make a target ratio are measured side by side: ``--rounds``
 interleaved rounds of ``n / rounds`` jobs each, best round kept on both sides, so that a noisy neighbour skews
 both alike; each peer also runs ``--rounds`` times and keeps its best. Prints the table, then every target
 with its measured figure, and writes all of it as JSON.
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from benchmarks import facade, lifecycle, ours, peers, raw, resources
+from benchmarks import delays, facade, hooks, lifecycle, ours, peers, raw, resources
 from benchmarks.harness import Report, best_of, machine, percentile
 from mindtrace.jobs import LocalClient, from_url
 from mindtrace.jobs.backends.base import Backend
@@ -34,7 +36,7 @@ PEER_PUBLISH = "publish single"
 CONCURRENCIES = (1, 16, 128)
 #: The drain each backend is compared with peers at: ours is fastest at 1 in memory; brokers need 16.
 PEER_CONCURRENCY = {"memory": 1, "redis": 16, "rabbitmq": 16}
-SECTIONS = ("facade", "core", "peers", "resources", "lifecycle")
+SECTIONS = ("facade", "core", "peers", "resources", "lifecycle", "hooks", "delays")
 RAW_NOTES = {
     "memory": ("PriorityQueue.put", None, "PriorityQueue.get", 1, "put -> get"),
     "redis": ("LPUSH", "pipelined LPUSH", "BRPOP", 1, "LPUSH -> blocked BRPOP"),
@@ -178,6 +180,13 @@ def targets(report: Report) -> list[dict[str, Any]]:
         ratio = report.get(backend, lifecycle.DRAIN_RATIO, "ours")
         if ratio is not None:
             add(backend, "drain with records / without (state=False)", ratio, ">=", 0.8)
+    for backend in ("memory", "redis", "rabbitmq"):
+        scenario = hooks.DRAIN.format(c=PEER_CONCURRENCY[backend])
+        ratio = _ratio(report, (backend, scenario, hooks.WHO_PROMETHEUS), (backend, scenario, hooks.WHO_BARE))
+        if ratio is not None:
+            add(backend, "drain with PrometheusHook / hook-free", ratio, ">=", 0.9)
+    for backend in ("memory", "redis", "rabbitmq"):
+        add(backend, "delayed start lateness p99, ms", report.get(backend, delays.LATE_P99, "ours"), "<=", 50.0)
     add(
         "facade",
         "no-op facade call / bare run_coroutine_threadsafe",
@@ -248,6 +257,7 @@ def main() -> None:
         "--lifecycle-replay-n", type=int, default=10_000, help="finished jobs kept for the first-lookup row (0: skip)"
     )
     parser.add_argument("--lifecycle-mem-n", type=int, default=2000, help="retained results for Redis memory (0: skip)")
+    parser.add_argument("--delay-n", type=int, default=1000, help="delayed jobs for the lateness percentiles (0: skip)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, of {','.join(SECTIONS)}")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/latest.json"))
     args = parser.parse_args()
@@ -277,6 +287,10 @@ def main() -> None:
             # Peers get rounds as ours does; in memory, rounds as long as ours (jobs there take microseconds).
             peer_n = max(1, (args.n if name == "memory" else args.peer_n) // args.rounds)
             peers.measure(report, name, url, peer_n, PEER_CONCURRENCY[name], args.rounds)
+        if "hooks" in only:
+            hooks.measure(report, name, factory, max(1, args.n // args.rounds), args.rounds, PEER_CONCURRENCY[name])
+        if "delays" in only and args.delay_n > 0:
+            delays.measure(report, name, factory, args.delay_n)
         if "resources" in only and name == "memory" and args.rss_n > 0:
             resources.memory_per_100k(report, args.rss_n)
     if "resources" in only and args.idle_seconds > 0 and reachable:

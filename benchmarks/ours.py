@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from benchmarks.harness import rate
 from mindtrace.jobs import AsyncConsumer, AsyncOrchestrator, Job, JobInput, JobSchema, Orchestrator, job_from_schema
 from mindtrace.jobs.backends.base import Backend
+from mindtrace.jobs.hooks import Hook
 
 
 class BenchInput(JobInput):
@@ -90,9 +91,12 @@ async def publish_many(factory: Callable[[], Backend], n: int, batch: int = 500)
     return rate(n, elapsed)
 
 
-async def drain(factory: Callable[[], Backend], n: int, concurrency: int) -> float:
-    """Jobs/s for one consumer draining n queued no-op jobs at the given concurrency."""
-    async with AsyncOrchestrator(factory()) as orch:
+async def drain(
+    factory: Callable[[], Backend], n: int, concurrency: int, hooks: Callable[[], Sequence[Hook]] | None = None
+) -> float:
+    """Jobs/s for one consumer draining n queued no-op jobs at the given concurrency (with the hooks
+    ``hooks()`` makes, none by default)."""
+    async with AsyncOrchestrator(factory(), hooks=None if hooks is None else hooks()) as orch:
         queue = queue_name()
         await orch.declare_queue(queue)
         jobs = make_jobs(n)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from mindtrace.jobs.backends import from_url
 from mindtrace.jobs.backends import load_backend_class as _load_backend_class
-from mindtrace.jobs.backends.base import Backend, Capabilities, QueueOptions
+from mindtrace.jobs.backends.base import Backend, Capabilities, QueueOptions, QueueStats
 from mindtrace.jobs.backends.local import LocalClient
 from mindtrace.jobs.consumer import AsyncConsumer
 from mindtrace.jobs.context import JobContext, current_job
@@ -41,6 +41,7 @@ from mindtrace.jobs.errors import (
     WrongEventLoopError,
 )
 from mindtrace.jobs.handle import AsyncJobHandle
+from mindtrace.jobs.hooks import Hook, PublishEvent, RunEvent, SettleEvent
 from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus, Progress
 from mindtrace.jobs.orchestrator import AsyncOrchestrator
 from mindtrace.jobs.policy import RetryPolicy
@@ -77,6 +78,7 @@ __all__ = [
     "Consumer",
     "DecodeError",
     "ForkError",
+    "Hook",
     "InvalidQueueNameError",
     "Job",
     "JobCancelledError",
@@ -103,15 +105,19 @@ __all__ = [
     "PayloadTooLargeError",
     "Progress",
     "PublishError",
+    "PublishEvent",
     "QueueConflictError",
     "QueueError",
     "QueueNotFoundError",
     "QueueOptions",
+    "QueueStats",
     "RabbitMQClient",
     "RedisClient",
     "ResultTimeoutError",
     "ResultTooLargeError",
     "RetryPolicy",
+    "RunEvent",
+    "SettleEvent",
     "StateCapabilities",
     "StateStore",
     "UndecodableMessage",

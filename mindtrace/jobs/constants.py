@@ -30,6 +30,10 @@ RETRY_DELAY: Final = 1.0
 RETRY_BACKOFF: Final = 2.0
 MAX_RETRY_DELAY: Final = 300.0
 
+#: Longest delay of a delayed job (``publish(delay=...)``, ``run_at=``) and of a retry, on every backend: two
+#: years (RabbitMQ's delay levels reach 2**36 ms, about 795 days).
+MAX_DELAY: Final = 2 * 365 * 86400.0
+
 #: Seconds a claimed job stays leased on a broker with leases (Redis) before another consumer may take it.
 VISIBILITY_TIMEOUT: Final = 30.0
 
@@ -71,6 +75,10 @@ OPERATION_TIMEOUT: Final = 10.0
 #: Seconds an orchestrator's ``close()`` lets the jobs running on its consumers finish before giving them back.
 CLOSE_GRACE: Final = 10.0
 
+#: Seconds a worker told to stop (SIGTERM, SIGINT) lets its running jobs finish before it gives the rest back
+#: uncharged: under Kubernetes' default ``terminationGracePeriodSeconds`` of 30 s.
+SHUTDOWN_TIMEOUT: Final = 25.0
+
 #: Seconds the blocking API waits at interpreter exit for open orchestrators to close.
 EXIT_CLOSE_TIMEOUT: Final = 1.0
 
@@ -92,3 +100,13 @@ ABANDON_GRACE: Final = 1.0
 
 #: Seconds between two writes of one running job's progress to its record (reports in between are coalesced).
 PROGRESS_INTERVAL: Final = 1.0
+
+#: Back-off while a broker is unreachable (a consumer's claims, a worker's start-up): first wait and cap, seconds.
+RECONNECT_DELAY: Final = 0.1
+RECONNECT_MAX_DELAY: Final = 5.0
+
+#: The environment variable naming the broker URL of the ``mindtrace-jobs`` command and the pytest plugin.
+URL_ENV: Final = "MINDTRACE_JOBS_URL"
+
+#: Longest ``dedup_key`` of a unique job's publish, in characters.
+MAX_DEDUP_KEY_LENGTH: Final = 512

@@ -10,11 +10,19 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from mindtrace.jobs.backends.base import Delivery, Receiver, dead_letter_queue_name, validate_queue_name
-from mindtrace.jobs.constants import ABANDON_GRACE, CLOSE_GRACE, PROGRESS_INTERVAL
+from mindtrace.jobs.constants import (
+    ABANDON_GRACE,
+    CLOSE_GRACE,
+    PROGRESS_INTERVAL,
+    RECONNECT_DELAY,
+    RECONNECT_MAX_DELAY,
+    SHUTDOWN_TIMEOUT,
+)
 from mindtrace.jobs.context import JobContext, current_job, reset_current, set_current
 from mindtrace.jobs.errors import (
     BackendError,
@@ -29,6 +37,7 @@ from mindtrace.jobs.errors import (
     ResultTooLargeError,
     UsageError,
 )
+from mindtrace.jobs.hooks import Hook, RunEvent, around, awake, broker_name
 from mindtrace.jobs.lifecycle import JobStatus, Progress
 from mindtrace.jobs.orchestrator import AsyncOrchestrator
 from mindtrace.jobs.policy import (
@@ -45,11 +54,12 @@ from mindtrace.jobs.policy import (
 )
 from mindtrace.jobs.types import Job, JobOutput, validate_as
 from mindtrace.jobs.wire import UntypedOutput
+from mindtrace.jobs.worker import run_until_signalled
 
 logger = logging.getLogger("mindtrace.jobs")
 
-# Backoff while the broker is unreachable during consume: first wait and cap, in seconds.
-_RECONNECT_DELAY, _RECONNECT_MAX_DELAY = 0.1, 5.0
+#: Seconds between stop()'s cancels of a worker still waiting for a message (see _cancel_idle).
+_RECANCEL_INTERVAL = 0.25
 #: Cancels heard of jobs not running here that a consumer keeps (for jobs its claim started but not yet run).
 _EARLY_CANCELS = 1024
 
@@ -171,6 +181,7 @@ class AsyncConsumer(abc.ABC):
         self._orchestrator: AsyncOrchestrator | None = None
         self._stopping = False
         self._idle: set[asyncio.Task[Any]] = set()  # workers waiting for a message, which stop() cancels
+        self._idle_cancels: dict[asyncio.Task[Any], int] = {}  # cancels stop() sent to each, taken back in _claim
         self._workers: set[asyncio.Task[None]] = set()  # the workers of every consume() call running
         self._consuming: set[asyncio.Future[None]] = set()  # one per consume() call running, done when it ends
         self._running: dict[Delivery, _Run] = {}  # jobs decided to run, until settled: leases, cancels, shutdown
@@ -224,8 +235,18 @@ class AsyncConsumer(abc.ABC):
         self._stopping = True
         for run in self._running.values():
             run.context.mark_shutting_down()
+        self._cancel_idle()
+
+    def _cancel_idle(self) -> None:
+        """Cancel the workers waiting for a message, and again every _RECANCEL_INTERVAL s while one still waits
+        after a stop(): a driver can swallow a cancellation that lands as its own wait ends (``asyncio.wait_for``
+        before Python 3.12 returns the result instead), and the worker would then wait for a message forever."""
+        if not self._stopping or not self._idle:
+            return
         for task in list(self._idle):
+            self._idle_cancels[task] = self._idle_cancels.get(task, 0) + 1
             task.cancel()
+        asyncio.get_running_loop().call_later(_RECANCEL_INTERVAL, self._cancel_idle)
 
     async def shutdown(self, grace: float = CLOSE_GRACE) -> tuple[int, int]:
         """Stop every running ``consume()`` and wait until each has returned.
@@ -259,7 +280,14 @@ class AsyncConsumer(abc.ABC):
                 await asyncio.wait(set(self._consuming))
         return max(0, was_running - given_back), given_back
 
-    async def consume(self, num_messages: int | None = None, concurrency: int = 1) -> int:
+    async def consume(
+        self,
+        num_messages: int | None = None,
+        concurrency: int = 1,
+        *,
+        handle_signals: bool = False,
+        shutdown_timeout: float = SHUTDOWN_TIMEOUT,
+    ) -> int:
         """Process jobs from the queue until ``num_messages`` jobs were handled (None: until ``stop()``).
 
         A job is handled when a run of it ended (acked, retried or dead-lettered), or it was settled unrun
@@ -268,7 +296,19 @@ class AsyncConsumer(abc.ABC):
         redelivery) is not. ``concurrency`` jobs run at once. Returns how many jobs were handled. Cancelling
         this call gives every claimed, unfinished job back to its queue. While it runs, cancels of the queue's
         jobs are heard and running jobs' progress is written to their records (about once a second).
+
+        ``handle_signals``: SIGTERM and SIGINT shut this consumer down gracefully and ``consume`` then returns
+        normally: running jobs get ``shutdown_timeout`` seconds (default 25) to finish, the rest are given back
+        uncharged; a second signal skips the wait (see :func:`mindtrace.jobs.worker.run_until_signalled`; the
+        loop must run in the main thread, UsageError otherwise).
         """
+        if handle_signals:
+            return await run_until_signalled(
+                [self], num_messages=num_messages, concurrency=concurrency, shutdown_timeout=shutdown_timeout
+            )
+        return await self._consume(num_messages, concurrency)
+
+    async def _consume(self, num_messages: int | None, concurrency: int) -> int:
         if num_messages is not None and num_messages < 0:
             raise ConfigurationError(f"num_messages must be >= 0 or None, not {num_messages}")
         if concurrency < 1:
@@ -314,7 +354,7 @@ class AsyncConsumer(abc.ABC):
     async def _work(self, receiver: Receiver, budget: _Budget) -> None:
         worker = asyncio.current_task()
         assert worker is not None
-        delay = _RECONNECT_DELAY
+        delay = RECONNECT_DELAY
         while not self._stopping and budget.take():
             try:
                 delivery = await self._claim(receiver)
@@ -322,7 +362,7 @@ class AsyncConsumer(abc.ABC):
                 budget.give_back()
                 logger.warning("consumer of %r lost the broker, retrying in %.1fs: %s", self.queue_name, delay, exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _RECONNECT_MAX_DELAY)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
                 continue
             except QueueNotFoundError:
                 budget.give_back()
@@ -336,12 +376,12 @@ class AsyncConsumer(abc.ABC):
                 budget.give_back()
                 logger.warning("consumer of %r got a broker error, retrying in %.1fs: %s", self.queue_name, delay, exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _RECONNECT_MAX_DELAY)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
                 continue
             if delivery is None:
                 budget.give_back()
                 continue
-            delay = _RECONNECT_DELAY
+            delay = RECONNECT_DELAY
             if await self._handle(delivery, worker):
                 budget.handled += 1
             else:
@@ -374,11 +414,11 @@ class AsyncConsumer(abc.ABC):
                     exc,
                 )
             await asyncio.sleep(delay)
-            delay = min(delay * 2, _RECONNECT_MAX_DELAY)
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
             if self._stopping:
                 return delay
         await asyncio.sleep(delay)
-        return min(delay * 2, _RECONNECT_MAX_DELAY)
+        return min(delay * 2, RECONNECT_MAX_DELAY)
 
     async def _claim(self, receiver: Receiver) -> Delivery | None:
         # The worker waits in the receiver itself: no task per claim. stop() cancels the workers waiting here
@@ -390,13 +430,22 @@ class AsyncConsumer(abc.ABC):
         try:
             return await receiver.get(None)
         except asyncio.CancelledError:
-            if not self._stopping:
+            sent = self._idle_cancels.pop(worker, 0)
+            if sys.version_info >= (3, 11):
+                for _ in range(sent):  # take back stop()'s own cancellations; any other one is consume()'s
+                    worker.uncancel()
+                if worker.cancelling() > 0:
+                    raise  # cancelled from outside too
+            if not sent:
                 raise
-            if sys.version_info >= (3, 11) and worker.uncancel() > 0:
-                raise  # cancelled from outside too
             return None
         finally:
             self._idle.discard(worker)
+            # Cancels a driver swallowed (get() returned anyway): taken back too, or the run would see them.
+            swallowed = self._idle_cancels.pop(worker, 0)
+            if sys.version_info >= (3, 11):
+                for _ in range(swallowed):
+                    worker.uncancel()
 
     async def _handle(self, delivery: Delivery, worker: asyncio.Task[None]) -> bool:
         """Decode, decide before the run, run, decide after it, settle once; whether the job counts as handled."""
@@ -449,6 +498,7 @@ class AsyncConsumer(abc.ABC):
         if self._stopping:
             context.mark_shutting_down()
         run = _Run(delivery, job, context, worker, limit)
+        began = False  # whether run() was called (for the settle's hooks)
         # From here its lease is renewed, a cancel of it is heard, and shutdown() may cut it short.
         self._running[delivery] = run
         try:
@@ -460,12 +510,17 @@ class AsyncConsumer(abc.ABC):
                 return cancelled(job, context.cancel_reason)
             if run.evicted:
                 return release(job)
-            error, result, returned = await self._run(run)
+            hooks = awake(self.orchestrator.hooks) if self.orchestrator.hooks else None
+            began = True
+            if hooks:
+                error, result, returned = await self._run_hooked(run, hooks)
+            else:
+                error, result, returned = await self._run(run)
         except BaseException:
             # Cancelled (or interrupted) mid-job: the job goes back to its queue (or ends CANCELLED when a cancel
             # of it arrived), whatever happens next.
             outcome = cancelled(job, context.cancel_reason) if context.cancelled else release(job)
-            await asyncio.shield(self._settle(delivery, outcome))
+            await asyncio.shield(self._settle(delivery, outcome._replace(ran=began)))
             raise
         finally:
             self._running.pop(delivery, None)
@@ -500,6 +555,50 @@ class AsyncConsumer(abc.ABC):
             return
         if reason is not None and not run.context.cancelled:
             self._cancel(run, reason or None)
+
+    async def _run_hooked(self, run: _Run, hooks: Sequence[Hook]) -> tuple[BaseException | None, Any, bool]:
+        """``_run`` inside every hook's ``run`` context manager, which sees the run's error as its exit's. A hook
+        that raises before the run fails the run with its error; one that raises on its way out is logged and
+        the run's own ending stands."""
+        delivery, orchestrator = run.delivery, self.orchestrator
+        event = RunEvent(
+            delivery.queue,
+            run.job,
+            run.context,
+            delivery.delivery_count,
+            broker_name(orchestrator.backend),
+            orchestrator,
+        )
+        error: BaseException | None = None
+        outcome: tuple[BaseException | None, Any, bool] | None = None  # set once run() ended
+        interrupted: BaseException | None = None  # a cancellation of the worker passing through the hooks
+        try:
+            manager = around([hook.run(event) for hook in hooks])
+            if manager is None:  # every hook passed on this run (a tracing hook with no provider configured)
+                return await self._run(run)
+            with manager:
+                try:
+                    outcome = await self._run(run)
+                except BaseException as exc:
+                    interrupted = exc
+                    raise
+                error = outcome[0]
+                if isinstance(error, Exception):
+                    raise error
+        except Exception as exc:
+            if exc is error:
+                return error, None, False
+            if interrupted is not None or outcome is not None:
+                # A hook failed on its way out: the run's own ending stands (a cancellation goes on, a result
+                # is kept), and the hook's error is logged, not charged to the job.
+                logger.exception("a hook failed after the run of job %s from %r", run.job.id, delivery.queue)
+                if interrupted is not None:
+                    raise interrupted from None
+                assert outcome is not None
+                return outcome
+            return exc, None, False  # a hook failed before the run: the run fails with its error
+        assert outcome is not None
+        return outcome
 
     async def _run(self, run: _Run) -> tuple[BaseException | None, Any, bool]:
         """Call ``run`` with the job's context current, under its time limit: (error, result, returned)."""
@@ -565,13 +664,14 @@ class AsyncConsumer(abc.ABC):
         """The outcome of a run that ended (or was abandoned): a cancel wins, then the time limit."""
         job, context, policy = run.job, run.context, self.retry_policy
         if context.cancelled:
-            return cancelled(job, context.cancel_reason)
+            return cancelled(job, context.cancel_reason)._replace(ran=True)
         if context.timed_out:
             limit = run.limit or 0.0
-            return after_run(job, JobTimeoutError(job_id=job.id, queue=run.delivery.queue, limit=limit), policy)
+            error = JobTimeoutError(job_id=job.id, queue=run.delivery.queue, limit=limit)
+            return after_run(job, error, policy)._replace(timed_out=True)
         if not returned:
             if run.evicted:
-                return release(job)
+                return release(job)._replace(ran=True)
             if not isinstance(error, Exception):  # its own task was cancelled, by nothing this consumer did
                 error = RuntimeError("run() was cancelled, not by a cancel, a time limit or a shutdown")
             return after_run(job, error, policy)

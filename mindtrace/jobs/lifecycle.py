@@ -106,6 +106,8 @@ class StateUpdate:
     changes (see :data:`UpdateKind`; a cancel request of a running job does not change its status).
     ``not_after`` (published only): the job's "do not start after" time (Unix seconds), for a store whose
     claims record starts (they leave an expired job to its consumer); it is not part of the record.
+    ``dedup_key`` and ``dedup_ttl`` (published only): the key this job holds on its queue while it lives (a
+    unique job: see ``StateStore.record_unique``), and for how long at most (seconds; None: until it ends).
     """
 
     job_id: str
@@ -121,6 +123,8 @@ class StateUpdate:
     ttl: float | None = None
     kind: UpdateKind = "status"
     not_after: float | None = None
+    dedup_key: str | None = None
+    dedup_ttl: float | None = None
 
     def to_fields(self) -> dict[str, str]:
         """The update as flat string fields (a Redis hash, a stream message's body); None fields left out."""
@@ -135,6 +139,10 @@ class StateUpdate:
             out["ttl"] = repr(self.ttl)
         if self.kind != "status":
             out["kind"] = self.kind
+        if self.dedup_key is not None:
+            out["dedup_key"] = self.dedup_key
+        if self.dedup_ttl is not None:
+            out["dedup_ttl"] = repr(self.dedup_ttl)
         return out
 
     @classmethod
@@ -142,6 +150,7 @@ class StateUpdate:
         """The update ``to_fields`` wrote (unknown fields ignored, so newer writers stay readable)."""
         progress = data.get("progress")
         ttl = data.get("ttl")
+        dedup_ttl = data.get("dedup_ttl")
         return cls(
             job_id=data["id"],
             status=JobStatus(data["status"]),
@@ -155,6 +164,8 @@ class StateUpdate:
             reason=data.get("reason"),
             ttl=None if ttl is None else float(ttl),
             kind=data.get("kind", "status"),  # type: ignore[arg-type]
+            dedup_key=data.get("dedup_key"),
+            dedup_ttl=None if dedup_ttl is None else float(dedup_ttl),
         )
 
 
@@ -165,6 +176,8 @@ class JobInfo:
     ``output`` is the JSON-decoded output (a dict) of a SUCCEEDED job, or None; ``handle.result()`` types it.
     Times are aware UTC datetimes (None when not reached); ``expires_at`` is when a terminal record is
     forgotten (the job then reads as UNKNOWN). ``cancel_requested``: a cancel reached the job while it ran.
+    ``dedup_key``: the key a unique job was published with (``publish(dedup_key=...)``); it holds the key while
+    it lives (:meth:`holds_key`), up to ``dedup_until`` when it was published with a ``dedup_ttl``.
     """
 
     job_id: str
@@ -182,6 +195,8 @@ class JobInfo:
     reason: str | None = None
     cancel_requested: bool = False
     expires_at: datetime | None = None
+    dedup_key: str | None = None
+    dedup_until: datetime | None = None
 
     @property
     def terminal(self) -> bool:
@@ -193,6 +208,13 @@ class JobInfo:
         if self.expires_at is None:
             return False
         return (time.time() if now is None else now) >= self.expires_at.timestamp()
+
+    def holds_key(self, now: float | None = None) -> bool:
+        """Whether this job holds its ``dedup_key`` at ``now`` (Unix seconds): it has one, it is queued,
+        scheduled, running or retrying, and its ``dedup_until`` (if any) has not passed."""
+        if self.dedup_key is None or self.status is JobStatus.UNKNOWN or self.status.terminal:
+            return False
+        return self.dedup_until is None or (time.time() if now is None else now) < self.dedup_until.timestamp()
 
     def apply(self, update: StateUpdate) -> JobInfo:
         """This record after ``update``, by the merge rule (see the module's docstring): a terminal record
@@ -208,6 +230,8 @@ class JobInfo:
                 attempts=update.attempts,
                 schema=update.schema,
                 enqueued_at=_datetime(update.at),
+                dedup_key=update.dedup_key,
+                dedup_until=None if update.dedup_ttl is None else _datetime(update.at + update.dedup_ttl),
             )
         if self.status.terminal:
             return self

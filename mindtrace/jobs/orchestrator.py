@@ -9,6 +9,7 @@ import time
 import types
 import weakref
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, overload
 
 from mindtrace.jobs.backends import from_url
@@ -17,11 +18,13 @@ from mindtrace.jobs.backends.base import (
     Delivery,
     OutgoingMessage,
     QueueOptions,
+    QueueStats,
     Receiver,
     dead_letter_queue_name,
     validate_queue_name,
 )
-from mindtrace.jobs.constants import CLOSE_GRACE, DLQ_SUFFIX, MAX_RESULT_BYTES, RESULT_TTL
+from mindtrace.jobs.clock import delay_of
+from mindtrace.jobs.constants import CLOSE_GRACE, DLQ_SUFFIX, MAX_DELAY, MAX_RESULT_BYTES, RESULT_TTL
 from mindtrace.jobs.errors import (
     ClosedError,
     ConfigurationError,
@@ -33,10 +36,21 @@ from mindtrace.jobs.errors import (
     UsageError,
 )
 from mindtrace.jobs.handle import AsyncJobHandle
+from mindtrace.jobs.hooks import (
+    Hook,
+    PublishEvent,
+    around,
+    awake,
+    broker_name,
+    check_hooks,
+    notify_settled,
+    settle_event,
+)
 from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus, Progress, StateUpdate
 from mindtrace.jobs.policy import Action, Outcome, requeued, retry_refused, undecodable
 from mindtrace.jobs.state import StateStore, state_store_from_url
 from mindtrace.jobs.types import QUEUE_MAPPING, Job, JobOutput, JobSchema
+from mindtrace.jobs.unique import Unique, unique_of
 from mindtrace.jobs.wire import SchemaTypes, check_against, decode, encode
 
 if TYPE_CHECKING:
@@ -45,21 +59,26 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mindtrace.jobs")
 
 
-def outgoing(job: Job, *, resumes: bool = False, state: StateUpdate | None = None) -> OutgoingMessage:
-    """The encoded form of ``job``, ready for a backend (``resumes``, ``state``: see OutgoingMessage)."""
-    return OutgoingMessage(encode(job), job.priority, job.id, resumes, state)
+def outgoing(
+    job: Job, *, resumes: bool = False, state: StateUpdate | None = None, delay: float = 0.0
+) -> OutgoingMessage:
+    """The encoded form of ``job``, ready for a backend (``resumes``, ``state``, ``delay``: see OutgoingMessage)."""
+    return OutgoingMessage(encode(job), job.priority, job.id, resumes, state, job.headers or None, delay)
 
 
-def _queued(job: Job) -> StateUpdate:
-    """The record a publish starts: QUEUED, with the schema name so readers can type the output."""
+def _queued(job: Job, delay: float = 0.0, unique: Unique | None = None) -> StateUpdate:
+    """The record a publish starts: QUEUED (SCHEDULED with a delay), with the schema name so readers can type
+    the output, and the unique key the job holds, if any."""
     not_after = None if job.expires_at is None else job.expires_at.timestamp()
     return StateUpdate(
         job.id,
-        JobStatus.QUEUED,
+        JobStatus.SCHEDULED if delay > 0 else JobStatus.QUEUED,
         attempts=job.attempts,
         schema=job.payload.name,
         kind="published",
         not_after=not_after,
+        dedup_key=None if unique is None else unique.key,
+        dedup_ttl=None if unique is None else unique.ttl,
     )
 
 
@@ -76,6 +95,10 @@ class AsyncOrchestrator:
     False for none (then ``publish`` returns handles that cannot be followed). ``result_ttl``: seconds a
     finished job's record is kept (per queue with ``declare_queue(q, result_ttl=...)``); ``max_result_bytes``:
     the largest output kept, over which the run is recorded as failed with ResultTooLargeError.
+
+    ``hooks``: :class:`~mindtrace.jobs.hooks.Hook` instances called around every publish, every run of a consumer
+    connected here and every settle (metrics, traces); None for the defaults (``hooks.default_hooks()``: a
+    tracing hook when OpenTelemetry is installed, else none).
     """
 
     def __init__(
@@ -85,6 +108,7 @@ class AsyncOrchestrator:
         state: StateStore | str | bool | None = None,
         result_ttl: float = RESULT_TTL,
         max_result_bytes: int = MAX_RESULT_BYTES,
+        hooks: Sequence[Hook] | None = None,
     ) -> None:
         self.backend: Backend = from_url(backend) if isinstance(backend, str) else backend
         if not isinstance(self.backend, Backend):
@@ -108,6 +132,8 @@ class AsyncOrchestrator:
         self._known_queues: dict[str, QueueOptions] = {}
         self._consumers: weakref.WeakSet[AsyncConsumer] = weakref.WeakSet()
         self._closed = False
+        #: The hooks called around publishes, runs and settles, here and in the consumers connected here.
+        self.hooks: tuple[Hook, ...] = check_hooks(hooks)
 
     def __repr__(self) -> str:
         return f"<AsyncOrchestrator {self.backend.describe()}>"
@@ -204,11 +230,11 @@ class AsyncOrchestrator:
     def _settle_record(self, delivery: Delivery, outcome: Outcome) -> StateUpdate | None:
         """The record a settle writes, or None (no records, a dead-letter queue's own jobs)."""
         queue, job = delivery.queue, outcome.job
-        if not outcome.record or not self.records or queue.endswith(DLQ_SUFFIX):
-            return None
         action = outcome.action
+        if not outcome.record or not self.records or queue.endswith(DLQ_SUFFIX) or action is Action.RUN:
+            return None
+        status = outcome.becomes
         if action is Action.ACK:
-            status = outcome.status or JobStatus.SUCCEEDED
             if status is JobStatus.UNKNOWN:
                 return StateUpdate(job.id, JobStatus.UNKNOWN, kind="withdrawn")
             runs = job.attempts + 1 if status is JobStatus.SUCCEEDED else job.attempts
@@ -221,16 +247,12 @@ class AsyncOrchestrator:
                 reason=outcome.reason if status is JobStatus.CANCELLED else None,
                 ttl=self.result_ttl_for(queue),
             )
-        if action is Action.RETRY:
-            if outcome.resumes:
-                return StateUpdate(job.id, JobStatus.QUEUED, attempts=job.attempts)
-            return StateUpdate(job.id, JobStatus.RETRYING, attempts=job.attempts, error=job.error)
-        if action is Action.RELEASE:
-            return StateUpdate(job.id, JobStatus.QUEUED, attempts=job.attempts)
-        if action is Action.DEAD_LETTER:
-            return StateUpdate(
-                job.id, JobStatus.FAILED, attempts=job.attempts, error=job.error, ttl=self.result_ttl_for(queue)
-            )
+        if status is JobStatus.QUEUED:  # given back, or a lost run handed back
+            return StateUpdate(job.id, status, attempts=job.attempts)
+        if status is JobStatus.RETRYING:
+            return StateUpdate(job.id, status, attempts=job.attempts, error=job.error)
+        if status is JobStatus.FAILED:
+            return StateUpdate(job.id, status, attempts=job.attempts, error=job.error, ttl=self.result_ttl_for(queue))
         return None
 
     async def register(self, schema: JobSchema) -> str:
@@ -278,20 +300,65 @@ class AsyncOrchestrator:
             options = self._known_queues.get(queue_name, QueueOptions())
             await self.backend.declare_queue(queue_name, options)
             declared = True
+        elif queue_name not in self._known_queues:
+            await self.backend.register_queue(queue_name)  # once per orchestrator: listed by list_queues
         self._known_queues.setdefault(queue_name, QueueOptions())
         return declared
 
     @overload
-    async def publish(self, queue_name: str, job: Job, /) -> AsyncJobHandle: ...
+    async def publish(
+        self,
+        queue_name: str,
+        job: Job,
+        /,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        dedup_key: str | None = None,
+        dedup_ttl: float | timedelta | None = None,
+    ) -> AsyncJobHandle: ...
 
     @overload
-    async def publish(self, job: Job, /) -> AsyncJobHandle: ...
+    async def publish(
+        self,
+        job: Job,
+        /,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        dedup_key: str | None = None,
+        dedup_ttl: float | timedelta | None = None,
+    ) -> AsyncJobHandle: ...
 
-    async def publish(self, queue_or_job: str | Job, job: Job | None = None, /) -> AsyncJobHandle:
+    async def publish(
+        self,
+        queue_or_job: str | Job,
+        job: Job | None = None,
+        /,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        dedup_key: str | None = None,
+        dedup_ttl: float | timedelta | None = None,
+    ) -> AsyncJobHandle:
         """Queue ``job`` on ``queue_name``, or on ``QUEUE_MAPPING[job.job_type]`` when called as
         ``publish(job)`` (that queue is declared if missing). Returns the job id once the broker holds it, as
         an :class:`AsyncJobHandle` (a ``str`` equal to the id, with ``status()``, ``result()``, ``cancel()``...);
         the job's record reads QUEUED from then on.
+
+        A delayed job: ``delay`` (seconds, or a timedelta) or ``run_at`` (a timezone-aware datetime) holds it on
+        the broker until then, up to ``MAX_DELAY`` (two years): meanwhile it is SCHEDULED, not counted as
+        ready and not received, and ``cancel()`` means it never runs. JobValidationError naming the field for a
+        naive datetime, a negative or too long delay, or both options at once.
+
+        A unique job: with ``dedup_key``, while a job published with that key on this queue is queued,
+        scheduled, running or retrying (and, given ``dedup_ttl`` seconds or a timedelta, for at most that long
+        after its publish), the publish queues nothing and returns that job's handle; once the job ends
+        (succeeded, failed, cancelled, expired) or the TTL passes, the key is free and the next publish queues
+        a new job. Keys are per queue. Exact (one atomic insert-if-absent: of concurrent publishes of a key,
+        one queues a job) or best effort as ``state.capabilities.dedup`` says. Needs job records (UsageError
+        with ``state=False``); JobValidationError naming ``dedup_key`` or ``dedup_ttl`` for an empty, non-str or
+        over-long key (``MAX_DEDUP_KEY_LENGTH``), a TTL that is not a finite number > 0, or a TTL without a key.
 
         QueueNotFoundError when a named queue was never declared, or the broker lost it (``lost``: deleted
         elsewhere, or a broker restart without persistence; an auto-routed queue is declared again instead and
@@ -300,28 +367,50 @@ class AsyncOrchestrator:
         input does not validate against it (a receiver would dead-letter it). Nothing is sent on an error.
         """
         self._check_open()
+        seconds = delay_of(delay, run_at, self.backend.clock, limit=MAX_DELAY)
+        unique = unique_of(dedup_key, dedup_ttl)
+        if unique is not None and not self.records:
+            raise UsageError("unique jobs (dedup_key) need job records: this orchestrator keeps none (state=False)")
         routed = isinstance(queue_or_job, Job) and job is None
         queue, job = await self._route(queue_or_job, job)
-        record = _queued(job) if self.records else None
+        hooks = awake(self.hooks) if self.hooks else None
+        if hooks:
+            event = PublishEvent(queue, job, broker_name(self.backend))
+            manager = around([hook.publish(event) for hook in hooks])
+            if manager is not None:
+                with manager:
+                    return await self._publish(queue, job, routed, seconds, unique)
+        return await self._publish(queue, job, routed, seconds, unique)
+
+    async def _publish(
+        self, queue: str, job: Job, routed: bool, delay: float, unique: Unique | None = None
+    ) -> AsyncJobHandle:
+        record = _queued(job, delay, unique) if self.records else None
         fused = record is not None and self._fused()
-        message = outgoing(job, state=record if fused else None)
+        message = outgoing(job, state=record if fused else None, delay=delay)
         if record is not None and not fused:
-            await self.state.record(queue, record)  # before the broker holds it: QUEUED precedes RUNNING
+            # Before the broker holds it: QUEUED precedes RUNNING. A unique job's key is taken here, with it.
+            if unique is None:
+                await self.state.record(queue, record)
+            else:
+                holder = await self.state.record_unique(queue, record)
+                if holder != job.id:
+                    return AsyncJobHandle(holder, queue, self)
         try:
             try:
-                await self.backend.publish(queue, message)
+                held = await self.backend.publish(queue, message)
             except QueueNotFoundError:
                 if not routed:
                     raise self._lost(queue) from None
                 # Auto-routing owns its queue: the broker lost it (a restart without persistence), declare it again.
                 if await self.ensure_queue(queue, refresh=True):
                     logger.warning("auto-routed queue %r was gone from the broker: declared it again", queue)
-                await self.backend.publish(queue, message)
+                held = await self.backend.publish(queue, message)
         except BaseException:
             if record is not None and not fused:
                 await self._withdraw(queue, [job.id])
             raise
-        return AsyncJobHandle(job.id, queue, self)
+        return AsyncJobHandle(held, queue, self)
 
     async def _withdraw(self, queue: str, job_ids: Sequence[str]) -> None:
         """A publish failed after its QUEUED records were written: forget them (best effort, logged)."""
@@ -332,30 +421,87 @@ class AsyncOrchestrator:
                 "could not withdraw the records of %d job(s) whose publish to %r failed: %s", len(job_ids), queue, exc
             )
 
-    async def publish_many(self, queue_name: str, jobs: Sequence[Job]) -> list[AsyncJobHandle]:
+    async def publish_many(
+        self,
+        queue_name: str,
+        jobs: Sequence[Job],
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        dedup_keys: Sequence[str | None] | None = None,
+        dedup_ttl: float | timedelta | None = None,
+    ) -> list[AsyncJobHandle]:
         """Queue several jobs on ``queue_name``; all are validated (as in ``publish``) and encoded before any is
-        sent. Returns their handles, in order."""
+        sent. Returns their handles, in order. ``delay`` or ``run_at`` (as in ``publish``) applies to each.
+
+        ``dedup_keys``: one ``dedup_key`` (or None) per job, as in ``publish``, with ``dedup_ttl`` for each keyed
+        job: a job whose key is held (by an earlier job, or one earlier in the list) is not queued, and its
+        handle is the holder's."""
         self._check_open()
+        seconds = delay_of(delay, run_at, self.backend.clock, limit=MAX_DELAY)
         validate_queue_name(queue_name)
         checked = [self._check_job(job) for job in jobs]
-        records = [_queued(job) for job in checked] if self.records else None
+        uniques = self._uniques(len(checked), dedup_keys, dedup_ttl)
+        hooks = awake(self.hooks) if self.hooks else None
+        if hooks:
+            broker = broker_name(self.backend)
+            events = [PublishEvent(queue_name, job, broker) for job in checked]
+            manager = around([hook.publish(event) for event in events for hook in hooks])
+            if manager is not None:
+                with manager:
+                    return await self._publish_many(queue_name, checked, seconds, uniques)
+        return await self._publish_many(queue_name, checked, seconds, uniques)
+
+    def _uniques(
+        self, count: int, dedup_keys: Sequence[str | None] | None, dedup_ttl: float | timedelta | None
+    ) -> list[Unique | None]:
+        """The unique keys of ``publish_many``'s jobs, checked (as in ``publish``), one per job."""
+        if dedup_keys is None:
+            unique_of(None, dedup_ttl)  # a TTL without keys is refused
+            return [None] * count
+        if isinstance(dedup_keys, str) or not isinstance(dedup_keys, Sequence) or len(dedup_keys) != count:
+            raise JobValidationError(
+                f"dedup_keys must be a sequence of one key (or None) per job ({count})", field="dedup_keys"
+            )
+        uniques = [None if key is None else unique_of(key, dedup_ttl) for key in dedup_keys]
+        if any(uniques) and not self.records:
+            raise UsageError("unique jobs (dedup_keys) need job records: this orchestrator keeps none (state=False)")
+        return uniques
+
+    async def _publish_many(
+        self, queue_name: str, checked: list[Job], delay: float, uniques: list[Unique | None]
+    ) -> list[AsyncJobHandle]:
+        records = [_queued(job, delay, uniques[i]) for i, job in enumerate(checked)] if self.records else None
         fused = records is not None and self._fused()
         messages = [
-            outgoing(job, state=records[i] if records is not None and fused else None) for i, job in enumerate(checked)
+            outgoing(job, state=records[i] if records is not None and fused else None, delay=delay)
+            for i, job in enumerate(checked)
         ]
+        holders: dict[int, str] = {}  # a unique job kept out by its key's holder (a store not fused with the broker)
         if records and not fused:
-            await self.state.record_many(queue_name, records)
+            plain = [r for r, u in zip(records, uniques, strict=True) if u is None]
+            if plain:
+                await self.state.record_many(queue_name, plain)
+            for i, record in enumerate(records):
+                if uniques[i] is not None:
+                    holder = await self.state.record_unique(queue_name, record)
+                    if holder != record.job_id:
+                        holders[i] = holder
+        sent = [m for i, m in enumerate(messages) if i not in holders]
+        recorded = [m.job_id for m in sent]
         try:
-            await self.backend.publish_many(queue_name, messages)
+            held = iter(await self.backend.publish_many(queue_name, sent))
         except QueueNotFoundError:
             if records and not fused:
-                await self._withdraw(queue_name, [job.id for job in checked])
+                await self._withdraw(queue_name, recorded)
             raise self._lost(queue_name) from None
         except BaseException:
             if records and not fused:
-                await self._withdraw(queue_name, [job.id for job in checked])
+                await self._withdraw(queue_name, recorded)
             raise
-        return [AsyncJobHandle(message.job_id, queue_name, self) for message in messages]
+        return [
+            AsyncJobHandle(holders[i] if i in holders else next(held), queue_name, self) for i in range(len(messages))
+        ]
 
     def _lost(self, queue: str) -> QueueNotFoundError:
         """The error for a publish the broker refused as to a missing queue, saying if it was lost."""
@@ -433,6 +579,19 @@ class AsyncOrchestrator:
         A retry the backend refuses as too large (its recorded error grew the job past the size limit) is
         dead-lettered instead. Backend errors propagate; the message then stays with the broker.
         """
+        hooks = awake(self.hooks) if self.hooks else None
+        if not hooks:
+            await self._settle(delivery, outcome)
+            return
+        try:
+            outcome = await self._settle(delivery, outcome)
+        except Exception as exc:
+            notify_settled(hooks, settle_event(delivery.queue, outcome, exc))
+            raise
+        notify_settled(hooks, settle_event(delivery.queue, outcome, None))
+
+    async def _settle(self, delivery: Delivery, outcome: Outcome) -> Outcome:
+        """Settle as ``outcome`` says; the outcome settled (a refused retry is dead-lettered instead)."""
         backend, job, queue = self.backend, outcome.job, delivery.queue
         action = outcome.action
         record = self._settle_record(delivery, outcome)
@@ -460,17 +619,43 @@ class AsyncOrchestrator:
             try:
                 await backend.retry(delivery, outgoing(job, resumes=outcome.resumes), outcome.delay, state=record)
             except PayloadTooLargeError as exc:  # refused before anything was settled
-                await self.settle(delivery, retry_refused(outcome, exc))
+                return await self._settle(delivery, retry_refused(outcome, exc))
         elif action is Action.DEAD_LETTER:
             logger.warning("dead-lettering job %s from %r: %s", job.id, queue, outcome.reason)
             await backend.dead_letter(delivery, outgoing(job), state=record)
         else:
             raise UsageError(f"{action} is not a settle verb")
+        return outcome
 
     async def count_queue_messages(self, queue_name: str) -> int:
         """Number of jobs ready to run on ``queue_name`` (not those running or waiting for a retry)."""
         self._check_open()
         return await self.backend.count(queue_name)
+
+    async def list_queues(self) -> list[str]:
+        """The queues declared on the broker, sorted, without their own dead-letter queues (see
+        ``Backend.list_queues``: on RabbitMQ, from the registry ``declare_queue`` writes)."""
+        self._check_open()
+        return await self.backend.list_queues()
+
+    async def queue_stats(self, queue_name: str) -> QueueStats:
+        """The counts of ``queue_name``: ready, running, delayed, dead-lettered, consumers (None where the
+        backend cannot know one: ``backend.capabilities.queue_counts``). QueueNotFoundError if undeclared."""
+        self._check_open()
+        return await self.backend.queue_stats(queue_name)
+
+    async def peek_dead_letters(self, queue_name: str, limit: int = 10) -> list[Job]:
+        """Up to ``limit`` jobs of ``queue_name``'s dead-letter queue, oldest first within a priority, left
+        where they are (``Backend.peek``). Messages that are not jobs are skipped (logged)."""
+        self._check_open()
+        dlq = dead_letter_queue_name(validate_queue_name(queue_name))
+        jobs = []
+        for body in await self.backend.peek(dlq, limit):
+            try:
+                jobs.append(self.decode(body, dlq))
+            except DecodeError as exc:
+                logger.warning("a message on %r is not a job, left out of the peek: %s", dlq, exc)
+        return jobs
 
     async def clean_queue(self, queue_name: str) -> int:
         """Remove every ready job from ``queue_name``; returns how many were removed."""

@@ -97,7 +97,8 @@ class Outcome(NamedTuple):
     is the terminal status recorded (None: SUCCEEDED; CANCELLED, EXPIRED; UNKNOWN: the record is forgotten,
     the job handed out) and ``output`` the JSON text of the validated output. ``record`` False settles the
     message without writing the job's record, which already says how it ended (a duplicate of a job that
-    succeeded).
+    succeeded). ``ran``: a run of the job preceded this decision; ``timed_out``: that run went over its time
+    limit (both for hooks and logs).
     """
 
     action: Action
@@ -108,6 +109,20 @@ class Outcome(NamedTuple):
     status: JobStatus | None = None
     output: str | None = None
     record: bool = True
+    ran: bool = False
+    timed_out: bool = False
+
+    @property
+    def becomes(self) -> JobStatus:
+        """The status a settle of this outcome gives the job: ACK its ``status`` (SUCCEEDED when None),
+        RETRY RETRYING (QUEUED for a lost run handed back), DEAD_LETTER FAILED, RELEASE QUEUED (RUN is no settle)."""
+        if self.action is Action.ACK:
+            return self.status or JobStatus.SUCCEEDED
+        if self.action is Action.RETRY:
+            return JobStatus.QUEUED if self.resumes else JobStatus.RETRYING
+        if self.action is Action.DEAD_LETTER:
+            return JobStatus.FAILED
+        return JobStatus.QUEUED
 
     @property
     def counts(self) -> bool:
@@ -196,13 +211,16 @@ def after_run(job: Job, error: Exception | None, policy: RetryPolicy) -> Outcome
     """ACK a run that returned; retry one that raised after its backoff delay, or dead-letter it when the
     retries are spent."""
     if error is None:
-        return Outcome(Action.ACK, job)
+        return Outcome(Action.ACK, job, ran=True)
     attempts = job.attempts + 1
     failed = _charged(job, attempts, f"{type(error).__name__}: {error}")
     if attempts <= policy.max_retries:
-        return Outcome(Action.RETRY, failed, delay=policy.delay(attempts), reason=failed.error or "")
+        return Outcome(Action.RETRY, failed, delay=policy.delay(attempts), reason=failed.error or "", ran=True)
     return Outcome(
-        Action.DEAD_LETTER, failed, reason=f"failed {plural(attempts, 'time')}, no retry left: {failed.error}"
+        Action.DEAD_LETTER,
+        failed,
+        reason=f"failed {plural(attempts, 'time')}, no retry left: {failed.error}",
+        ran=True,
     )
 
 
@@ -210,7 +228,9 @@ def retry_refused(outcome: Outcome, error: Exception) -> Outcome:
     """A retry the backend refused before settling (its recorded error took it over the size limit): the
     dead-letter queue takes it, whatever its size."""
     job = outcome.job.model_copy(update={"error": f"{outcome.job.error} (not retried: {error})"})
-    return Outcome(Action.DEAD_LETTER, job, reason=f"not retried: {error}")
+    return Outcome(
+        Action.DEAD_LETTER, job, reason=f"not retried: {error}", ran=outcome.ran, timed_out=outcome.timed_out
+    )
 
 
 def release(job: Job) -> Outcome:

@@ -7,21 +7,24 @@ import contextvars
 import functools
 import types
 from collections.abc import Mapping, Sequence
-from typing import Any, overload
+from datetime import datetime, timedelta
+from typing import Any, cast, overload
 
 from mindtrace.jobs._loop_thread import DaemonPool, LoopThread, get_loop_thread
-from mindtrace.jobs.backends.base import Backend
-from mindtrace.jobs.constants import CLOSE_GRACE, MAX_RESULT_BYTES, RESULT_TTL
+from mindtrace.jobs.backends.base import Backend, QueueStats
+from mindtrace.jobs.constants import CLOSE_GRACE, MAX_RESULT_BYTES, RESULT_TTL, SHUTDOWN_TIMEOUT
 from mindtrace.jobs.consumer import AsyncConsumer
 from mindtrace.jobs.context import JobContext
 from mindtrace.jobs.errors import UsageError
 from mindtrace.jobs.handle import AsyncJobHandle, ModelT
+from mindtrace.jobs.hooks import Hook
 from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus
 from mindtrace.jobs.orchestrator import AsyncOrchestrator
 from mindtrace.jobs.policy import RetryPolicy
 from mindtrace.jobs.state.base import StateStore
 from mindtrace.jobs.types import Job, JobOutput, JobSchema
 from mindtrace.jobs.wire import SchemaTypes
+from mindtrace.jobs.worker import ShutdownRequest, blocking_signals, run_until_signalled
 
 
 class JobHandle(str):
@@ -97,9 +100,12 @@ class Orchestrator:
         state: StateStore | str | bool | None = None,
         result_ttl: float = RESULT_TTL,
         max_result_bytes: int = MAX_RESULT_BYTES,
+        hooks: Sequence[Hook] | None = None,
     ) -> None:
         self._thread = get_loop_thread()
-        self.aio = AsyncOrchestrator(backend, state=state, result_ttl=result_ttl, max_result_bytes=max_result_bytes)
+        self.aio = AsyncOrchestrator(
+            backend, state=state, result_ttl=result_ttl, max_result_bytes=max_result_bytes, hooks=hooks
+        )
         self._thread.track(self.aio)
 
     def __repr__(self) -> str:
@@ -124,19 +130,72 @@ class Orchestrator:
         return self._thread.run(self.aio.declare_queue(queue_name, result_ttl=result_ttl, **options), "Orchestrator")
 
     @overload
-    def publish(self, queue_name: str, job: Job, /) -> JobHandle: ...
+    def publish(
+        self,
+        queue_name: str,
+        job: Job,
+        /,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        dedup_key: str | None = None,
+        dedup_ttl: float | timedelta | None = None,
+    ) -> JobHandle: ...
 
     @overload
-    def publish(self, job: Job, /) -> JobHandle: ...
+    def publish(
+        self,
+        job: Job,
+        /,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        dedup_key: str | None = None,
+        dedup_ttl: float | timedelta | None = None,
+    ) -> JobHandle: ...
 
-    def publish(self, queue_or_job: str | Job, job: Job | None = None, /) -> JobHandle:
+    def publish(
+        self,
+        queue_or_job: str | Job,
+        job: Job | None = None,
+        /,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        dedup_key: str | None = None,
+        dedup_ttl: float | timedelta | None = None,
+    ) -> JobHandle:
         """See :meth:`AsyncOrchestrator.publish`; returns a :class:`JobHandle` (a ``str``: the job id)."""
-        handle = self._thread.run(self.aio.publish(queue_or_job, job), "Orchestrator")  # type: ignore[arg-type]
-        return JobHandle(handle, self._thread)
+        if isinstance(queue_or_job, Job) and job is None:
+            publish = self.aio.publish(
+                queue_or_job, delay=delay, run_at=run_at, dedup_key=dedup_key, dedup_ttl=dedup_ttl
+            )
+        else:  # the async core checks both arguments
+            publish = self.aio.publish(
+                cast(str, queue_or_job),
+                cast(Job, job),
+                delay=delay,
+                run_at=run_at,
+                dedup_key=dedup_key,
+                dedup_ttl=dedup_ttl,
+            )
+        return JobHandle(self._thread.run(publish, "Orchestrator"), self._thread)
 
-    def publish_many(self, queue_name: str, jobs: Sequence[Job]) -> list[JobHandle]:
+    def publish_many(
+        self,
+        queue_name: str,
+        jobs: Sequence[Job],
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        dedup_keys: Sequence[str | None] | None = None,
+        dedup_ttl: float | timedelta | None = None,
+    ) -> list[JobHandle]:
         """See :meth:`AsyncOrchestrator.publish_many`."""
-        handles = self._thread.run(self.aio.publish_many(queue_name, jobs), "Orchestrator")
+        publish = self.aio.publish_many(
+            queue_name, jobs, delay=delay, run_at=run_at, dedup_keys=dedup_keys, dedup_ttl=dedup_ttl
+        )
+        handles = self._thread.run(publish, "Orchestrator")
         return [JobHandle(handle, self._thread) for handle in handles]
 
     def job(self, job_id: str, queue: str) -> JobHandle:
@@ -154,6 +213,18 @@ class Orchestrator:
     def receive_message(self, queue_name: str, timeout: float | None = None) -> Job | None:
         """See :meth:`AsyncOrchestrator.receive_message`."""
         return self._thread.run(self.aio.receive_message(queue_name, timeout), "Orchestrator")
+
+    def list_queues(self) -> list[str]:
+        """See :meth:`AsyncOrchestrator.list_queues`."""
+        return self._thread.run(self.aio.list_queues(), "Orchestrator")
+
+    def queue_stats(self, queue_name: str) -> QueueStats:
+        """See :meth:`AsyncOrchestrator.queue_stats`."""
+        return self._thread.run(self.aio.queue_stats(queue_name), "Orchestrator")
+
+    def peek_dead_letters(self, queue_name: str, limit: int = 10) -> list[Job]:
+        """See :meth:`AsyncOrchestrator.peek_dead_letters`."""
+        return self._thread.run(self.aio.peek_dead_letters(queue_name, limit), "Orchestrator")
 
     def count_queue_messages(self, queue_name: str) -> int:
         """See :meth:`AsyncOrchestrator.count_queue_messages`."""
@@ -211,11 +282,11 @@ class _ThreadedRun(AsyncConsumer):
             raise UsageError("consume() is not running")
         return await pool.submit(functools.partial(self._owner.run, job))
 
-    async def consume(self, num_messages: int | None = None, concurrency: int = 1) -> int:
+    async def _consume(self, num_messages: int | None, concurrency: int) -> int:
         pool = DaemonPool(concurrency, "mindtrace-jobs-run")
         token = _CALL_POOL.set(pool)  # this call's task and the worker tasks it creates see it
         try:
-            return await super().consume(num_messages, concurrency)
+            return await super()._consume(num_messages, concurrency)
         finally:
             _CALL_POOL.reset(token)
             pool.shutdown()
@@ -285,9 +356,33 @@ class Consumer(abc.ABC):
             raise UsageError(f"connect() takes an Orchestrator, not {type(orchestrator).__name__}")
         self.aio.connect(orchestrator.aio)
 
-    def consume(self, num_messages: int | None = None, concurrency: int = 1) -> int:
-        """See :meth:`AsyncConsumer.consume`; blocks until done. Returns how many messages were handled."""
-        return self._thread.run(self.aio.consume(num_messages, concurrency), "Consumer")
+    def consume(
+        self,
+        num_messages: int | None = None,
+        concurrency: int = 1,
+        *,
+        handle_signals: bool = False,
+        shutdown_timeout: float = SHUTDOWN_TIMEOUT,
+    ) -> int:
+        """See :meth:`AsyncConsumer.consume`; blocks until done. Returns how many messages were handled.
+
+        ``handle_signals`` (main thread only, UsageError otherwise): while it runs, SIGTERM and SIGINT shut the
+        consumer down gracefully and ``consume`` returns normally: running jobs get ``shutdown_timeout``
+        seconds to finish, the rest are given back uncharged; a second signal skips the wait. The previous
+        signal handlers are put back when it returns.
+        """
+        if not handle_signals:
+            return self._thread.run(self.aio.consume(num_messages, concurrency), "Consumer")
+        request = ShutdownRequest()
+        with blocking_signals(request, self._thread.call_soon):
+            run = run_until_signalled(
+                [self.aio],
+                num_messages=num_messages,
+                concurrency=concurrency,
+                shutdown_timeout=shutdown_timeout,
+                request=request,
+            )
+            return self._thread.run(run, "Consumer")
 
     def stop(self) -> None:
         """Ask a running ``consume()`` to return after the jobs it runs now (their ``context.shutting_down``

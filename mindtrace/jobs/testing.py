@@ -23,6 +23,9 @@ Fixtures:
   bound to the event loop it first ran on), closed after the test.
 - ``jobs_sync_orchestrator``: the blocking :class:`Orchestrator` on that backend, closed after the test. In
   memory each orchestrator has its own queues: use one of the two in a test, not both.
+- ``jobs_clock``: a :class:`~mindtrace.jobs.clock.FakeClock` that the orchestrator fixtures' in-memory backend runs
+  on when a test asks for it: ``jobs_clock.advance(timedelta(days=1))`` makes a one-day delay due at once (and
+  fires a nightly schedule); skipped, saying why, on a broker.
 - ``jobs_queue``: a queue name no other test or run uses (not declared: declare it, or let a consumer do so),
   deleted with its dead-letter queue after the test, failed or not, by the orchestrator fixture in use.
 - ``jobs_run``: ``await jobs_run(consumer, num_messages=N, timeout=10)`` connects an :class:`AsyncConsumer` to
@@ -55,11 +58,14 @@ from mindtrace.jobs import (
     Consumer,
     Job,
     JobContext,
+    LocalClient,
     Orchestrator,
     UsageError,
 )
 from mindtrace.jobs._loop_thread import get_loop_thread
-from mindtrace.jobs.constants import MAX_RESULT_BYTES
+from mindtrace.jobs.backends.base import Backend
+from mindtrace.jobs.clock import FakeClock
+from mindtrace.jobs.constants import MAX_RESULT_BYTES, URL_ENV
 from mindtrace.jobs.context import reset_current, set_current
 
 __all__ = [
@@ -71,6 +77,7 @@ __all__ = [
     "JobsSyncRun",
     "backend_url_for",
     "jobs_backend_url",
+    "jobs_clock",
     "jobs_orchestrator",
     "jobs_queue",
     "jobs_run",
@@ -222,7 +229,7 @@ def jobs_backend_url(request: pytest.FixtureRequest) -> str:
     """URL of the backend this test runs on (see the module docstring); skips if its broker is down."""
     chosen = getattr(request, "param", None)
     if chosen is None:
-        chosen = request.config.getoption("--jobs-backend") or os.environ.get("MINDTRACE_JOBS_URL") or "memory"
+        chosen = request.config.getoption("--jobs-backend") or os.environ.get(URL_ENV) or "memory"
     return _require(backend_url_for(str(chosen)))
 
 
@@ -263,12 +270,32 @@ async def _delete_queues(orchestrator: AsyncOrchestrator, names: list[str], url:
                     await fresh.delete_queue(name)
 
 
+@pytest.fixture
+def jobs_clock(jobs_backend_url: str) -> FakeClock:
+    """A :class:`~mindtrace.jobs.clock.FakeClock` the in-memory backend of this test's orchestrator fixtures runs
+    on: ``jobs_clock.advance(timedelta(days=1))`` lands a one-day delay (or fires a nightly schedule) at once.
+
+    It starts at the real time. Brokers keep their servers' time, so a test using it on another backend is
+    skipped, saying so.
+    """
+    if urlsplit(jobs_backend_url).scheme.lower() != "memory":
+        pytest.skip(f"jobs_clock drives the in-memory backend only, not {jobs_backend_url.split('://')[0]}://")
+    return FakeClock()
+
+
+def _backend_for(url: str, request: pytest.FixtureRequest) -> Backend | str:
+    """The orchestrator fixtures' backend: ``url``, or a LocalClient on ``jobs_clock`` when the test uses it."""
+    if "jobs_clock" in request.fixturenames:
+        return LocalClient(clock=request.getfixturevalue("jobs_clock"))
+    return url
+
+
 @pytest_asyncio.fixture(loop_scope="function")
 async def jobs_orchestrator(
-    jobs_backend_url: str, jobs_state_url: str | None, _jobs_queues: list[str]
+    jobs_backend_url: str, jobs_state_url: str | None, _jobs_queues: list[str], request: pytest.FixtureRequest
 ) -> AsyncIterator[AsyncOrchestrator]:
     """An AsyncOrchestrator on ``jobs_backend_url``, for this test only; deletes the test's queues, then closes."""
-    orchestrator = AsyncOrchestrator(jobs_backend_url, state=jobs_state_url)
+    orchestrator = AsyncOrchestrator(_backend_for(jobs_backend_url, request), state=jobs_state_url)
     try:
         yield orchestrator
     finally:
@@ -280,10 +307,10 @@ async def jobs_orchestrator(
 
 @pytest.fixture
 def jobs_sync_orchestrator(
-    jobs_backend_url: str, jobs_state_url: str | None, _jobs_queues: list[str]
+    jobs_backend_url: str, jobs_state_url: str | None, _jobs_queues: list[str], request: pytest.FixtureRequest
 ) -> Iterator[Orchestrator]:
     """A blocking Orchestrator on ``jobs_backend_url``, for this test only; deletes the test's queues, then closes."""
-    orchestrator = Orchestrator(jobs_backend_url, state=jobs_state_url)
+    orchestrator = Orchestrator(_backend_for(jobs_backend_url, request), state=jobs_state_url)
     try:
         yield orchestrator
     finally:

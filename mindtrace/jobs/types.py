@@ -105,8 +105,9 @@ class Job(BaseModel):
     ``timeout`` (seconds, > 0) limits each run of this job, over the consumer's own ``timeout``: a run over it
     is recorded as failed with JobTimeoutError (retried, then dead-lettered). ``expires_at`` (a timezone-aware
     datetime; a naive one is refused) is a "do not start after" time: a consumer that takes the job later
-    settles it as EXPIRED without running it. Both travel with the job; a consumer of an earlier version
-    ignores them.
+    settles it as EXPIRED without running it. ``headers`` are string pairs set by hooks at publish (the W3C
+    trace context of a tracing hook) and read by them on the consumer's side. All three travel with the job; a
+    consumer of an earlier version ignores them.
 
     Job is a pydantic model: constructing one (or assigning a field) with an invalid value raises
     ``pydantic.ValidationError``, as every model here and your JobInput subclasses do. The library's own
@@ -128,6 +129,7 @@ class Job(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     expires_at: datetime | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("timeout", mode="before")
     @classmethod

@@ -130,7 +130,7 @@ def encode(job: Job) -> bytes:
     for name in type(job).model_fields:
         if name != "payload":
             value = getattr(job, name)
-            if value is not None or name in ENVELOPE_V1_FIELDS:
+            if (value is not None and value != {}) or name in ENVELOPE_V1_FIELDS:
                 envelope[name] = _plain(value)
     envelope["schema"] = payload.name
     envelope["input"] = None if isinstance(payload.input, type) else payload.input.model_dump(mode="json")

@@ -17,10 +17,11 @@ EXPECTED = {
     "LocalClient", "LoopThreadError", "MissingDependencyError", "Orchestrator", "PayloadTooLargeError",
     "PublishError", "QueueConflictError", "QueueError", "QueueNotFoundError", "QueueOptions", "RabbitMQClient",
     "RedisClient", "UndecodableMessage", "UsageError", "WrongEventLoopError", "from_url", "job_from_schema",
-    "Capabilities", "RetryPolicy",
+    "Capabilities", "RetryPolicy", "QueueStats",
     "AsyncJobHandle", "JobHandle", "JobStatus", "JobInfo", "CancelOutcome", "Progress", "JobContext", "current_job",
     "StateStore", "StateCapabilities", "JobOutcomeError", "JobFailedError", "JobCancelledError", "JobExpiredError",
     "JobNotFoundError", "ResultTimeoutError", "JobTimeoutError", "ResultTooLargeError",
+    "Hook", "PublishEvent", "RunEvent", "SettleEvent",
 }  # fmt: skip
 
 

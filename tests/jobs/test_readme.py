@@ -21,7 +21,7 @@ def _body(path: Path) -> str:
     return "\n".join(lines[2:]).strip()
 
 
-@pytest.mark.parametrize("name", ["quickstart", "async_quickstart", "lifecycle"])
+@pytest.mark.parametrize("name", ["quickstart", "async_quickstart", "lifecycle", "scheduling"])
 def test_readme_shows_the_example_and_it_runs(name: str) -> None:
     readme = (ROOT / "README.md").read_text()
     assert _body(EXAMPLES / f"{name}.py") in readme
@@ -30,7 +30,12 @@ def test_readme_shows_the_example_and_it_runs(name: str) -> None:
         [sys.executable, "-m", f"mindtrace.jobs.examples.{name}"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    expected = {"quickstart": "pending: 0", "async_quickstart": "resizing /img/2.png", "lifecycle": "s3://bucket"}
+    expected = {
+        "quickstart": "pending: 0",
+        "async_quickstart": "resizing /img/2.png",
+        "lifecycle": "s3://bucket",
+        "scheduling": "SUCCEEDED JobStatus.CANCELLED",
+    }
     assert expected[name] in result.stdout
 
 

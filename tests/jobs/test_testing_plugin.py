@@ -195,3 +195,57 @@ def test_backend_names_stand_for_the_environment_urls(monkeypatch: pytest.Monkey
         assert backend_url_for(name) == "redis://elsewhere:1/2"
     assert backend_url_for("memory") == "memory://"
     assert backend_url_for("amqp://h/") == "amqp://h/"
+
+
+FAKE_CLOCK = """
+import time
+from datetime import timedelta
+
+import pytest
+
+from mindtrace.jobs import AsyncConsumer, Job, JobInput, JobSchema, job_from_schema
+from mindtrace.jobs.lifecycle import JobStatus
+
+SCHEMA = JobSchema(name="nightly", input=JobInput)
+
+
+class Nothing(AsyncConsumer):
+    async def run(self, job: Job) -> None:
+        return None
+
+
+@pytest.mark.asyncio
+async def test_a_one_day_delay_lands_when_the_clock_moves(jobs_orchestrator, jobs_queue, jobs_run, jobs_clock):
+    await jobs_orchestrator.register(SCHEMA.model_copy(update={"name": jobs_queue}))
+    started = time.monotonic()
+    handle = await jobs_orchestrator.publish(jobs_queue, job_from_schema(SCHEMA, JobInput()), delay=timedelta(days=1))
+    assert await handle.status() is JobStatus.SCHEDULED
+    assert await jobs_run(Nothing(jobs_queue), timeout=0.2) == 0  # not due: nothing to run
+    jobs_clock.advance(timedelta(days=1))
+    assert await jobs_run(Nothing(jobs_queue), num_messages=1, timeout=5) == 1
+    assert await handle.status() is JobStatus.SUCCEEDED
+    assert time.monotonic() - started < 5  # a day of waiting, in (well under) seconds
+
+
+def test_the_blocking_orchestrator_runs_on_the_fake_clock_too(jobs_sync_orchestrator, jobs_queue, jobs_clock):
+    jobs_sync_orchestrator.register(SCHEMA.model_copy(update={"name": jobs_queue}))
+    jobs_sync_orchestrator.publish(jobs_queue, job_from_schema(SCHEMA, JobInput()), delay=3600)
+    assert jobs_sync_orchestrator.count_queue_messages(jobs_queue) == 0
+    jobs_clock.advance(3600)
+    deadline = time.monotonic() + 5
+    while jobs_sync_orchestrator.count_queue_messages(jobs_queue) != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert jobs_sync_orchestrator.count_queue_messages(jobs_queue) == 1
+
+
+def test_the_fake_clock_is_for_memory_only(jobs_clock):
+    pass
+"""
+
+
+def test_jobs_clock_lands_a_one_day_delay_at_once_and_is_skipped_on_brokers(pytester: pytest.Pytester) -> None:
+    _user_project(pytester, test_clock=FAKE_CLOCK)
+    _run(pytester, "strict").assert_outcomes(passed=3)
+    result = _run(pytester, "strict", "-ra", "--jobs-backend=redis", "-k", "memory_only")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*jobs_clock drives the in-memory backend only, not redis://*"])

@@ -44,7 +44,7 @@ def test_encoding_is_byte_compatible_with_version_1_and_decodes_back_equal() -> 
 
 def test_the_envelope_carries_every_job_field_but_the_payload() -> None:
     # Fields added after version 1 are written when set (a job that does not use them keeps the v1 bytes).
-    later = {"timeout": 30.0, "expires_at": datetime(2026, 5, 1, tzinfo=timezone.utc)}
+    later = {"timeout": 30.0, "expires_at": datetime(2026, 5, 1, tzinfo=timezone.utc), "headers": {"k": "v"}}
     job = v1_job().model_copy(update=later)
     keys = list(json.loads(encode(job)))
     assert keys == ["v", *(f for f in Job.model_fields if f != "payload"), "schema", "input", "output_kind", "output"]

@@ -14,12 +14,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from mindtrace.jobs.clock import SYSTEM_CLOCK, Clock
 from mindtrace.jobs.constants import (
     DLQ_SUFFIX,
+    MAX_DELAY,
     MAX_PAYLOAD_BYTES,
     MAX_PRIORITY,
     MAX_QUEUE_NAME_LENGTH,
@@ -32,6 +34,7 @@ from mindtrace.jobs.errors import (
     ConfigurationError,
     InvalidQueueNameError,
     PayloadTooLargeError,
+    QueueNotFoundError,
     UsageError,
     WrongEventLoopError,
 )
@@ -71,6 +74,10 @@ PRIORITY_LEVELS = MAX_PRIORITY - MIN_PRIORITY + 1
 #: ``"tombstone"`` can only mark it so the consumer drops it when it comes up, ``"none"``: neither.
 QueuedJobRemoval = Literal["remove", "tombstone", "none"]
 
+#: The counts :class:`QueueStats` holds; ``Capabilities.queue_counts`` says which a backend knows.
+QueueCount = Literal["ready", "running", "delayed", "dead_lettered", "consumers"]
+QUEUE_COUNTS: tuple[QueueCount, ...] = ("ready", "running", "delayed", "dead_lettered", "consumers")
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -80,11 +87,16 @@ class Capabilities:
       when the broker tracks its consumers' liveness itself and holds a claim for as long as they live.
     - ``counted_deliveries``: ``Delivery.delivery_count`` counts every hand-out (True), or only flags a
       redelivery with 2 (False), in which case the consumer records each redelivery on the job.
-    - ``exact_delays``: a retry becomes ready when its delay ends (True), or up to a bounded time later.
-    - ``max_delay``: the longest delay honoured, in seconds (None: no limit); longer ones are capped.
+    - ``exact_delays``: a delayed message (a delayed publish, a retry) becomes ready when its delay ends (True),
+      or up to a bounded time later.
+    - ``max_delay``: the longest delay honoured, in seconds (None: up to ``MAX_DELAY``, which every publish is
+      checked against); longer ones are capped.
     - ``priority_levels``: distinct priorities kept in order (``MIN_PRIORITY`` .. ``MAX_PRIORITY``: 10).
     - ``queued_job_removal``: how one queued job can be taken out (see :data:`QueuedJobRemoval`).
-    - ``can_list_queues``: whether the backend can enumerate its queues.
+    - ``can_list_queues``: whether ``list_queues`` works: the backend enumerates its queues (from the broker,
+      or from a registry that ``declare_queue`` writes and ``delete_queue`` clears).
+    - ``queue_counts``: which counts of :class:`QueueStats` the backend knows (a subset of
+      :data:`QUEUE_COUNTS`); ``queue_stats`` gives None for the others. ``ready`` is always known.
     - ``shared_queues``: queues live in a broker that other clients and processes share, and outlive this
       client's ``close()`` (False for the in-process memory backend).
     - ``unique_job_ids``: a publish of a job id the queue already holds (ready, claimed, or waiting for a retry
@@ -105,6 +117,33 @@ class Capabilities:
     shared_queues: bool
     unique_job_ids: bool
     job_records: bool
+    queue_counts: frozenset[QueueCount] = frozenset({"ready"})
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """What one queue holds at one moment, counted by the broker (None: this backend cannot know it).
+
+    - ``ready``: jobs waiting to be claimed (as ``count``);
+    - ``running``: jobs claimed and not yet settled;
+    - ``delayed``: jobs waiting for a delay (a delayed publish, a retry) to end before they are ready;
+    - ``dead_lettered``: jobs in the queue's dead-letter queue (0 for a dead-letter queue itself);
+    - ``consumers``: receivers subscribed to the queue, where the broker tracks them.
+
+    The counts are read one after another, not in one snapshot on every broker: a job moving meanwhile may be
+    counted twice or not at all.
+    """
+
+    queue: str
+    ready: int
+    running: int | None = None
+    delayed: int | None = None
+    dead_lettered: int | None = None
+    consumers: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The stats as a plain dict (for JSON), unknown counts as None."""
+        return {"queue": self.queue, **{name: getattr(self, name) for name in QUEUE_COUNTS}}
 
 
 @dataclass(frozen=True)
@@ -115,6 +154,11 @@ class OutgoingMessage:
     broker that re-publishes it should put it ahead of the jobs waiting at its priority, back where it was.
     ``state``: the job's record to write with it, for a backend whose own state store ``settles_with`` it
     (None otherwise, and on backends without one).
+    ``headers``: the job's own ``headers`` (trace context), for a broker with message headers of its own to
+    carry them there too (RabbitMQ); they are in ``body`` already, so every other backend ignores them. Empty
+    costs nothing.
+    ``delay``: seconds after the broker takes the message before it is ready to claim (0: at once); until then it
+    is not counted as ready, not handed out, and counted in ``QueueStats.delayed`` where the backend counts it.
     """
 
     body: bytes
@@ -122,6 +166,8 @@ class OutgoingMessage:
     job_id: str
     resumes: bool = False
     state: StateUpdate | None = None
+    headers: Mapping[str, str] | None = None
+    delay: float = 0.0
 
 
 @dataclass(eq=False)
@@ -261,6 +307,10 @@ class Backend(abc.ABC):
     #: depends on the configuration).
     capabilities: Capabilities
 
+    #: The clock delays are measured on (see :mod:`mindtrace.jobs.clock`); brokers measure on their own server's
+    #: clock, the in-memory backend on this one, which a test may replace with a FakeClock.
+    clock: Clock = SYSTEM_CLOCK
+
     def __init__(self, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
         if max_payload_bytes <= 0:
             raise ConfigurationError(f"max_payload_bytes must be positive, not {max_payload_bytes}")
@@ -323,6 +373,10 @@ class Backend(abc.ABC):
             raise ConfigurationError(
                 f"priority {message.priority} of job {message.job_id!r} is outside {MIN_PRIORITY}..{MAX_PRIORITY}"
             )
+        if not 0 <= message.delay <= MAX_DELAY:
+            raise ConfigurationError(
+                f"delay {message.delay!r}s of job {message.job_id!r} is outside 0..{MAX_DELAY:.0f}"
+            )
 
     # -- public operations ---------------------------------------------------------------------------
 
@@ -345,13 +399,22 @@ class Backend(abc.ABC):
         return self._closed
 
     async def declare_queue(self, queue: str, options: QueueOptions | None = None) -> None:
-        """Create ``queue`` and its dead-letter queue if missing. QueueConflictError if options differ."""
+        """Create ``queue`` and its dead-letter queue if missing, and note ``queue`` in the backend's registry of
+        queues where it keeps one (see ``list_queues``). QueueConflictError if options differ."""
         validate_queue_name(queue)
         await self._ensure_connected()
         await self._declare_queue(queue, options or QueueOptions())
         dlq = dead_letter_queue_name(queue)
         if dlq != queue:
             await self._declare_queue(dlq, options or QueueOptions())
+        await self._register_queue(queue)
+
+    async def register_queue(self, queue: str) -> None:
+        """Note ``queue``, found already declared, in the backend's registry of queues (see ``list_queues``):
+        a queue declared by an earlier version, or by a process that kept no registry, is listed from then on."""
+        validate_queue_name(queue)
+        await self._ensure_connected()
+        await self._register_queue(queue)
 
     async def queue_exists(self, queue: str) -> bool:
         """Whether ``queue`` has been declared (and not deleted)."""
@@ -359,22 +422,70 @@ class Backend(abc.ABC):
         await self._ensure_connected()
         return await self._queue_exists(queue)
 
-    async def publish(self, queue: str, message: OutgoingMessage) -> None:
-        """Put one message on ``queue``. Returns once the broker holds it. QueueNotFoundError if undeclared."""
+    async def list_queues(self) -> list[str]:
+        """The names of the queues declared on this backend, sorted; a queue's own dead-letter queue is left out
+        (its jobs are counted in ``QueueStats.dead_lettered``). UsageError unless ``capabilities.can_list_queues``.
+
+        On brokers that cannot enumerate queues, the names come from a registry that ``declare_queue`` writes
+        (see each backend), so a queue created by other means, or by a version without the registry, is absent
+        until it is declared again.
+        """
+        if not self.capabilities.can_list_queues:
+            raise UsageError(f"{self.describe()} cannot list its queues (capabilities.can_list_queues is False)")
+        await self._ensure_connected()
+        names = set(await self._list_queues())
+        return sorted(name for name in names if not (name.endswith(DLQ_SUFFIX) and name[: -len(DLQ_SUFFIX)] in names))
+
+    async def queue_stats(self, queue: str) -> QueueStats:
+        """The counts of ``queue`` (see QueueStats; unknown ones None, per ``capabilities.queue_counts``).
+        QueueNotFoundError if undeclared. No job is claimed or changed; a backend may first do the upkeep its
+        claims do (Redis moves retries that are due and jobs whose lease expired back to ready), so the counts
+        are those a claim would see."""
+        validate_queue_name(queue)
+        await self._ensure_connected()
+        return await self._queue_stats(queue)
+
+    async def peek(self, queue: str, limit: int) -> list[bytes]:
+        """The bodies of up to ``limit`` ready messages of ``queue``, in the order they would be claimed, without
+        claiming or removing them. QueueNotFoundError if undeclared. How each broker reads without taking is
+        documented on its ``_peek``; no message is lost, and none changes place among its priority. On RabbitMQ
+        the peeked messages come back flagged redelivered, which a consumer charges as a lost run: the library
+        peeks only dead-letter queues (``peek_dead_letters``), whose jobs are requeued with their attempts reset."""
+        validate_queue_name(queue)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigurationError(f"limit must be an int >= 0, not {limit!r}")
+        await self._ensure_connected()
+        if limit == 0:
+            if not await self._queue_exists(queue):
+                raise QueueNotFoundError(queue)
+            return []
+        return await self._peek(queue, limit)
+
+    async def publish(self, queue: str, message: OutgoingMessage) -> str:
+        """Put one message on ``queue``. Returns once the broker holds it. QueueNotFoundError if undeclared.
+
+        Returns the id the queue holds the job under: ``message.job_id``, or, for a unique job (its ``state``
+        has a ``dedup_key``, given only to a backend whose own store ``settles_with`` it) whose key another
+        live job of ``queue`` holds, that job's id; then nothing was queued or recorded (see
+        ``StateStore.record_unique``).
+        """
         validate_queue_name(queue)
         self._check_message(queue, message)
         await self._ensure_connected()
-        await self._publish(queue, message)
+        held = await self._publish(queue, message)
+        return message.job_id if held is None else held
 
-    async def publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
-        """Put several messages on ``queue``; every one is checked before any is sent."""
+    async def publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> list[str]:
+        """Put several messages on ``queue``; every one is checked before any is sent. Returns the ids the queue
+        holds them under, in order (as ``publish``)."""
         validate_queue_name(queue)
         for message in messages:
             self._check_message(queue, message)
         if not messages:
-            return
+            return []
         await self._ensure_connected()
-        await self._publish_many(queue, messages)
+        held = await self._publish_many(queue, messages)
+        return [message.job_id for message in messages] if held is None else list(held)
 
     async def open_receiver(self, queue: str, *, prefetch: int = 1, worker: str | None = None) -> Receiver:
         """A receiver claiming from ``queue``, holding at most ``prefetch`` unsettled messages ahead.
@@ -445,6 +556,7 @@ class Backend(abc.ABC):
         dlq = dead_letter_queue_name(queue)
         if dlq != queue:
             await self._delete_queue(dlq)
+        await self._unregister_queue(queue)
 
     def _settle(self, delivery: Delivery) -> None:
         self._check_usable()
@@ -467,11 +579,13 @@ class Backend(abc.ABC):
     async def _queue_exists(self, queue: str) -> bool: ...
 
     @abc.abstractmethod
-    async def _publish(self, queue: str, message: OutgoingMessage) -> None: ...
+    async def _publish(self, queue: str, message: OutgoingMessage) -> str | None:
+        """Queue one message; the id it is held under when that is not its own (see ``publish``), else None."""
 
-    async def _publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
-        for message in messages:
-            await self._publish(queue, message)
+    async def _publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> Sequence[str] | None:
+        """Queue several; the ids they are held under, in order (None: each under its own)."""
+        held = [await self._publish(queue, message) for message in messages]
+        return [m.job_id if h is None else h for m, h in zip(messages, held, strict=True)]
 
     @abc.abstractmethod
     async def _open_receiver(self, queue: str, prefetch: int, worker: str | None = None) -> Receiver: ...
@@ -503,3 +617,23 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def _delete_queue(self, queue: str) -> None: ...
+
+    async def _register_queue(self, queue: str) -> None:
+        """Primitive: note ``queue`` in the backend's registry of queues (a no-op where the broker lists them)."""
+        return None
+
+    async def _unregister_queue(self, queue: str) -> None:
+        """Primitive: drop ``queue`` from the backend's registry of queues (a no-op where there is none)."""
+        return None
+
+    @abc.abstractmethod
+    async def _list_queues(self) -> list[str]:
+        """Primitive: every declared queue name, dead-letter queues included (the public method filters)."""
+
+    @abc.abstractmethod
+    async def _queue_stats(self, queue: str) -> QueueStats:
+        """Primitive: the counts of ``queue``; QueueNotFoundError if it does not exist."""
+
+    @abc.abstractmethod
+    async def _peek(self, queue: str, limit: int) -> list[bytes]:
+        """Primitive: up to ``limit`` (>= 1) ready bodies in claim order, none claimed or moved."""

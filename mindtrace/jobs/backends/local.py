@@ -17,10 +17,13 @@ from mindtrace.jobs.backends.base import (
     Delivery,
     OutgoingMessage,
     QueueOptions,
+    QueueStats,
     Receiver,
+    dead_letter_queue_name,
 )
+from mindtrace.jobs.clock import SYSTEM_CLOCK, Clock, Timer
 from mindtrace.jobs.constants import MAX_PAYLOAD_BYTES
-from mindtrace.jobs.errors import QueueConflictError, QueueNotFoundError
+from mindtrace.jobs.errors import ConfigurationError, QueueConflictError, QueueNotFoundError
 from mindtrace.jobs.lifecycle import StateUpdate
 from mindtrace.jobs.state.memory import MemoryStateStore
 
@@ -35,11 +38,13 @@ class _Queue:
     options: QueueOptions
     ready: list[_Entry] = field(default_factory=list)
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
-    timers: set[asyncio.TimerHandle] = field(default_factory=set)
-    #: Jobs waiting for a retry delay, by id: the timer that makes each ready, and its entry.
-    delayed: dict[str, tuple[asyncio.TimerHandle, _Entry]] = field(default_factory=dict)
-    #: Job ids the queue holds (ready, claimed, or waiting for a retry delay); a publish of one is a no-op.
+    timers: set[Timer] = field(default_factory=set)
+    #: Jobs waiting for a delay (a delayed publish, a retry), by id: the timer that makes each ready, its entry.
+    delayed: dict[str, tuple[Timer, _Entry]] = field(default_factory=dict)
+    #: Job ids the queue holds (ready, claimed, or waiting for a delay); a publish of one is a no-op.
     held: set[str] = field(default_factory=set)
+    #: Messages claimed from the queue and not yet settled.
+    claimed: int = 0
     deleted: bool = False
 
     def push(self, entry: _Entry) -> None:
@@ -71,6 +76,7 @@ class _LocalReceiver(Receiver):
             q = self._client._get_queue(self._queue)
             if q.ready:
                 neg_priority, seq, body, job_id = heapq.heappop(q.ready)
+                q.claimed += 1
                 return Delivery(self._queue, body, -neg_priority, handle=(seq, job_id, q))
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
@@ -113,10 +119,16 @@ class LocalClient(Backend):
         shared_queues=False,
         unique_job_ids=True,  # each queue keeps the set of job ids it holds
         job_records=True,  # MemoryStateStore, written inside each publish and settle
+        queue_counts=frozenset({"ready", "running", "delayed", "dead_lettered"}),
     )
 
-    def __init__(self, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+    def __init__(self, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES, clock: Clock | None = None) -> None:
+        """``clock``: the clock delays run on (default: the system's); a test gives a ``FakeClock`` to move time
+        by hand (see :mod:`mindtrace.jobs.clock`)."""
         super().__init__(max_payload_bytes=max_payload_bytes)
+        if clock is not None and not isinstance(clock, Clock):
+            raise ConfigurationError(f"clock must be a mindtrace.jobs.clock.Clock, not {type(clock).__name__}")
+        self.clock = SYSTEM_CLOCK if clock is None else clock
         self._queues: dict[str, _Queue] = {}
         self._sequence = itertools.count()
         self._state = MemoryStateStore(self)
@@ -186,23 +198,42 @@ class LocalClient(Backend):
     async def _queue_exists(self, queue: str) -> bool:
         return queue in self._queues
 
-    async def _publish(self, queue: str, message: OutgoingMessage) -> None:
-        q = self._get_queue(queue)
-        job_id = message.job_id
-        if job_id not in q.held:  # a job the queue holds already is not queued twice (as on Redis)
-            q.held.add(job_id)
-            self._record(queue, message.state)
-            q.push((-message.priority, next(self._sequence), message.body, job_id))
+    async def _publish(self, queue: str, message: OutgoingMessage) -> str:
+        return (await self._publish_many(queue, [message]))[0]
 
-    async def _publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
+    async def _publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> list[str]:
         q = self._get_queue(queue)
         held = q.held
+        ids = []
         for message in messages:
             job_id = message.job_id
-            if job_id not in held:
+            holder = None if message.state is None else self._state.holder(queue, message.state)
+            ids.append(job_id if holder is None else holder)
+            if holder is None and job_id not in held:  # a job the queue holds already is not queued twice
                 held.add(job_id)
                 self._record(queue, message.state)
-                q.push((-message.priority, next(self._sequence), message.body, job_id))
+                entry = (-message.priority, next(self._sequence), message.body, job_id)
+                if message.delay > 0:
+                    self._hold(q, entry, message.delay)
+                else:
+                    q.push(entry)
+        return ids
+
+    def _hold(self, q: _Queue, entry: _Entry, delay: float) -> None:
+        """Keep ``entry`` out of ``q`` until ``delay`` seconds on this client's clock have passed."""
+        job_id = entry[3]
+
+        def fire() -> None:
+            q.timers.discard(timer)
+            if job_id is not None:
+                q.delayed.pop(job_id, None)
+            if not q.deleted:
+                q.push(entry)
+
+        timer = self.clock.call_at(self.clock.time() + delay, fire)
+        q.timers.add(timer)
+        if job_id is not None:
+            q.delayed[job_id] = (timer, entry)
 
     async def _open_receiver(self, queue: str, prefetch: int, worker: str | None = None) -> Receiver:
         self._get_queue(queue)
@@ -215,11 +246,19 @@ class LocalClient(Backend):
         if job_id is not None:
             source.held.discard(job_id)
 
+    @staticmethod
+    def _unclaim(delivery: Delivery) -> None:
+        """The claim is settled: the queue it came from counts one running message fewer."""
+        source: _Queue = delivery.handle[2]
+        source.claimed = max(0, source.claimed - 1)
+
     async def _ack(self, delivery: Delivery, state: StateUpdate | None = None) -> None:
+        self._unclaim(delivery)
         self._record(delivery.queue, state)
         self._forget(delivery)
 
     async def _release(self, delivery: Delivery, state: StateUpdate | None = None) -> None:
+        self._unclaim(delivery)
         q = self._queues.get(delivery.queue)
         if q is not None:
             self._record(delivery.queue, state)
@@ -231,6 +270,7 @@ class LocalClient(Backend):
     async def _retry(
         self, delivery: Delivery, message: OutgoingMessage, delay: float, state: StateUpdate | None = None
     ) -> None:
+        self._unclaim(delivery)
         q = self._get_queue(delivery.queue)
         self._record(delivery.queue, state)
         # The retry replaces the message under the id it was claimed with, as retry.lua does; it stays held.
@@ -240,23 +280,13 @@ class LocalClient(Backend):
         entry = (-message.priority, next(self._sequence), message.body, job_id)
         if delay <= 0:
             q.push(entry)
-            return
-
-        def fire() -> None:
-            q.timers.discard(timer)
-            if job_id is not None:
-                q.delayed.pop(job_id, None)
-            if not q.deleted:
-                q.push(entry)
-
-        timer = asyncio.get_running_loop().call_later(delay, fire)
-        q.timers.add(timer)
-        if job_id is not None:
-            q.delayed[job_id] = (timer, entry)
+        else:
+            self._hold(q, entry, delay)
 
     async def _dead_letter(
         self, delivery: Delivery, dead_letter_queue: str, message: OutgoingMessage, state: StateUpdate | None = None
     ) -> None:
+        self._unclaim(delivery)
         q = self._queues.get(dead_letter_queue)
         if q is None:
             q = self._queues[dead_letter_queue] = _Queue(self._get_queue(delivery.queue).options)
@@ -266,6 +296,20 @@ class LocalClient(Backend):
 
     async def _count(self, queue: str) -> int:
         return len(self._get_queue(queue).ready)
+
+    async def _list_queues(self) -> list[str]:
+        return list(self._queues)
+
+    async def _queue_stats(self, queue: str) -> QueueStats:
+        q = self._get_queue(queue)
+        dlq_name = dead_letter_queue_name(queue)
+        dlq = self._queues.get(dlq_name) if dlq_name != queue else None
+        dead = 0 if dlq is None else len(dlq.ready) + dlq.claimed + len(dlq.timers)
+        return QueueStats(queue, len(q.ready), running=q.claimed, delayed=len(q.timers), dead_lettered=dead)
+
+    async def _peek(self, queue: str, limit: int) -> list[bytes]:
+        # The heap's smallest entries are the next claims, in order; nsmallest copies, the heap is untouched.
+        return [entry[2] for entry in heapq.nsmallest(limit, self._get_queue(queue).ready)]
 
     async def _purge(self, queue: str) -> int:
         q = self._get_queue(queue)

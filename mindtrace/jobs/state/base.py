@@ -18,7 +18,7 @@ import asyncio
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from mindtrace.jobs.errors import ResultTimeoutError
 from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus, StateUpdate
@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 
 #: Called by a store with (job_id, reason) when a cancel of a job of the listened queue arrives.
 CancelCallback = Callable[[str, "str | None"], None]
+
+#: How a store keeps unique jobs' keys (see ``StateStore.record_unique``): ``"exact"``, one atomic
+#: insert-if-absent, so concurrent publishes of one key queue one job; ``"best_effort"``, a read then a write,
+#: so publishes racing within that gap may each queue a job (sequential ones never do).
+DedupGuarantee = Literal["exact", "best_effort"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class StateCapabilities:
     - ``atomic_settles``: records are written inside the broker's publish and settle steps (a store that
       ``settles_with`` its backend), so they never disagree with the queue after a crash.
     - ``survives_restart``: records survive a restart of the store's server (where it persists at all).
+    - ``dedup``: how unique jobs' keys are kept (see :data:`DedupGuarantee`).
     """
 
     exact_cancel: bool
@@ -50,6 +56,7 @@ class StateCapabilities:
     direct_lookup: bool
     atomic_settles: bool
     survives_restart: bool
+    dedup: DedupGuarantee = "exact"
 
 
 async def changed(event: asyncio.Event, deadline: float | None) -> bool:
@@ -142,6 +149,17 @@ class StateStore(abc.ABC):
 
         A terminal update starts the record's retention (``update.ttl`` seconds). Returns once the store
         holds it (durably, where the store persists).
+        """
+
+    @abc.abstractmethod
+    async def record_unique(self, queue: str, update: StateUpdate) -> str:
+        """Record the publish ``update`` of a unique job (its ``dedup_key`` set), unless a job of ``queue`` holds
+        that key: then record nothing and return that job's id; else return ``update.job_id``, whose job holds
+        the key from now on (see ``JobInfo.holds_key``: until it ends, or ``dedup_ttl`` passes, whichever is
+        first). Keys are per queue. Exact or best effort as ``capabilities.dedup`` says.
+
+        A store that ``settles_with`` its backend does the same inside the backend's publish (which then
+        returns the holder's id); this method serves other brokers' publishes.
         """
 
     async def record_many(self, queue: str, updates: Sequence[StateUpdate]) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import heapq
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus, StateUpdate
 from mindtrace.jobs.state.base import CancelCallback, CancelListener, StateCapabilities, StateStore, Watch, changed
@@ -61,7 +61,12 @@ class MemoryStateStore(StateStore):
     Nothing survives the process."""
 
     capabilities = StateCapabilities(
-        exact_cancel=True, cancel_race=0.0, direct_lookup=True, atomic_settles=True, survives_restart=False
+        exact_cancel=True,
+        cancel_race=0.0,
+        direct_lookup=True,
+        atomic_settles=True,
+        survives_restart=False,
+        dedup="exact",  # checked and taken within one step of the loop
     )
 
     def __init__(self, client: LocalClient, clock: Callable[[], float] = time.time) -> None:
@@ -71,6 +76,9 @@ class MemoryStateStore(StateStore):
         self._expiry: list[tuple[float, str, str]] = []
         self._watches: dict[_Key, set[asyncio.Event]] = {}
         self._listeners: dict[str, set[CancelCallback]] = {}
+        #: Unique jobs' keys, by (queue, key): the job holding it and until when (the client's clock; None: until
+        #: it ends). An entry whose job no longer lives is stale, and taken over by the next publish of the key.
+        self._keys: dict[_Key, tuple[str, float | None]] = {}
 
     def describe(self) -> str:
         return "memory://"
@@ -80,6 +88,22 @@ class MemoryStateStore(StateStore):
 
     # -- used by LocalClient ------------------------------------------------------------------------
 
+    def holder(self, queue: str, update: StateUpdate) -> str | None:
+        """The id of the job of ``queue`` that holds ``update``'s dedup key, other than ``update``'s own, or None
+        (then the publish goes ahead, and ``apply`` gives the key to its job)."""
+        if update.dedup_key is None:
+            return None
+        held = self._keys.get((queue, update.dedup_key))
+        if held is None or held[0] == update.job_id:
+            return None
+        job_id, until = held
+        if until is not None and self._client.clock.time() >= until:
+            return None
+        info = self._read((queue, job_id))
+        if info.status is JobStatus.UNKNOWN or info.terminal:
+            return None
+        return job_id
+
     def apply(self, queue: str, update: StateUpdate) -> JobInfo:
         """Apply ``update`` now and wake the job's watchers; returns the record after it."""
         key = (queue, update.job_id)
@@ -88,6 +112,12 @@ class MemoryStateStore(StateStore):
         after = current.apply(update)
         if after is not current:
             self._records[key] = after
+            if update.kind == "published" and update.dedup_key is not None:
+                ttl = update.dedup_ttl
+                until = None if ttl is None else self._client.clock.time() + ttl
+                self._keys[(queue, update.dedup_key)] = (update.job_id, until)
+            elif after.terminal and after.dedup_key is not None:
+                self._release(queue, after)
             if after.expires_at is not None:
                 heapq.heappush(self._expiry, (after.expires_at.timestamp(), queue, update.job_id))
             for event in self._watches.get(key, ()):
@@ -101,6 +131,13 @@ class MemoryStateStore(StateStore):
             if self._records.pop(key, None) is not None:
                 for event in self._watches.get(key, ()):
                     event.set()
+
+    def _release(self, queue: str, info: JobInfo) -> None:
+        """``info``'s job ended: its key is free, unless another job holds it by now."""
+        key = (queue, cast(str, info.dedup_key))
+        held = self._keys.get(key)
+        if held is not None and held[0] == info.job_id:
+            del self._keys[key]
 
     def _read(self, key: _Key) -> JobInfo:
         info = self._records.get(key)
@@ -121,8 +158,17 @@ class MemoryStateStore(StateStore):
     async def record(self, queue: str, update: StateUpdate) -> None:
         self.apply(queue, update)
 
+    async def record_unique(self, queue: str, update: StateUpdate) -> str:
+        holder = self.holder(queue, update)
+        if holder is not None:
+            return holder
+        self.apply(queue, update)
+        return update.job_id
+
     async def forget_queue(self, queue: str) -> None:
         self.forget(queue, [job_id for (q, job_id) in list(self._records) if q == queue])
+        for key in [key for key in self._keys if key[0] == queue]:
+            del self._keys[key]
 
     async def info(self, queue: str, job_id: str) -> JobInfo:
         return self._read((queue, job_id))

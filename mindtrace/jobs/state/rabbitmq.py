@@ -63,6 +63,8 @@ class _Log:
     queue: str
     stream: str
     records: dict[str, JobInfo] = field(default_factory=dict)
+    #: Unique jobs' keys: the job last published with each (it holds the key while ``holds_key``).
+    keys: dict[str, str] = field(default_factory=dict)
     expiry: list[tuple[float, str]] = field(default_factory=list)
     watches: dict[str, set[asyncio.Event]] = field(default_factory=dict)
     listeners: set[CancelCallback] = field(default_factory=set)
@@ -182,7 +184,13 @@ class RabbitMQStateStore(StateStore):
     """
 
     capabilities = StateCapabilities(
-        exact_cancel=True, cancel_race=0.0, direct_lookup=False, atomic_settles=False, survives_restart=True
+        exact_cancel=True,
+        cancel_race=0.0,
+        direct_lookup=False,
+        atomic_settles=False,
+        survives_restart=True,
+        # A stream has no insert-if-absent: a unique publish reads the fold, then appends its record.
+        dedup="best_effort",
     )
 
     def __init__(
@@ -429,6 +437,7 @@ class RabbitMQStateStore(StateStore):
         log.attaching = None
         log.offset = None
         log.records.clear()
+        log.keys.clear()
         log.expiry.clear()
         log.wake_all()
 
@@ -494,6 +503,10 @@ class RabbitMQStateStore(StateStore):
         current = log.read(update.job_id, now)
         after = current.apply(update)
         if after is not current:
+            if update.kind == "published" and update.dedup_key is not None:
+                log.keys[update.dedup_key] = update.job_id
+            elif after.terminal and after.dedup_key is not None and log.keys.get(after.dedup_key) == update.job_id:
+                del log.keys[after.dedup_key]
             if after.status is JobStatus.UNKNOWN:
                 log.records.pop(update.job_id, None)
             else:
@@ -643,6 +656,18 @@ class RabbitMQStateStore(StateStore):
     async def record(self, queue: str, update: StateUpdate) -> None:
         # Returns once confirmed: this process's reads send a barrier after it, so they still see it.
         await self._write(queue, update.to_fields(), folded=False)
+
+    async def record_unique(self, queue: str, update: StateUpdate) -> str:
+        # Best effort: the fold is read up to a barrier, then the record appended, so a publish sequenced after
+        # another (in any process) sees its record; two racing through that gap may both record and publish.
+        log = await self._following(queue, create=False)
+        if log is not None and update.dedup_key is not None:
+            await self._sync(log)
+            holder = log.keys.get(update.dedup_key)
+            if holder is not None and holder != update.job_id and self._read(log, holder).holds_key():
+                return holder
+        await self._write(queue, update.to_fields(), folded=False)
+        return update.job_id
 
     async def started(self, queue: str, update: StateUpdate) -> str | None:
         # RUNNING returns once this store's fold has it, so the cancel check after it reads every cancel folded

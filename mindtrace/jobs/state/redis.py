@@ -389,6 +389,17 @@ class RedisStateStore(StateStore):
         """The prefixes of ``queue``'s record keys and event channels (a job id completes each)."""
         return f"{self._base(queue)}job:", f"{self._base(queue)}event:"
 
+    def unique_key(self, queue: str, key: str) -> str:
+        """The string naming the job that holds the unique key ``key`` on ``queue`` (under the queue's hash tag)."""
+        return f"{self._base(queue)}unique:{key}"
+
+    def unique_args(self, queue: str, update: StateUpdate) -> list[str]:
+        """The three arguments of a publish script taking ``update``'s unique key (lib.lua), "" for none."""
+        if update.dedup_key is None:
+            return ["", "", ""]
+        ttl = "" if update.dedup_ttl is None else str(max(1, math.ceil(update.dedup_ttl * 1000)))
+        return [self.unique_key(queue, update.dedup_key), ttl, self.forget_prefixes(queue)[0]]
+
     def _cancel_stream(self, queue: str) -> str:
         return f"{self._base(queue)}cancels"
 
@@ -451,6 +462,12 @@ class RedisStateStore(StateStore):
     async def record(self, queue: str, update: StateUpdate) -> None:
         await self._ensure_connected()
         await self._connection.run("state_record", self.record_keys(queue, update), self.record_args(queue, update))
+
+    async def record_unique(self, queue: str, update: StateUpdate) -> str:
+        await self._ensure_connected()
+        args = [*self.record_args(queue, update), *self.unique_args(queue, update), update.job_id]
+        holder = _text(await self._connection.run("state_unique", self.record_keys(queue, update), args))
+        return holder or update.job_id
 
     async def started(self, queue: str, update: StateUpdate) -> str | None:
         await self._ensure_connected()

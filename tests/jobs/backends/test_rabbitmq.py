@@ -1,10 +1,9 @@
-"""What only RabbitMQ shows: redelivery after a kill, reconnects through a cut, foreign clients, URLs, retry queues."""
+"""What only RabbitMQ shows: redelivery after a kill, reconnects through a cut, foreign clients, URLs, retries."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import signal
 import subprocess
 import sys
@@ -32,7 +31,6 @@ from mindtrace.jobs import (
     UndecodableMessage,
     from_url,
 )
-from mindtrace.jobs.backends.rabbitmq import RETRY_BUCKETS_MS, retry_bucket, retry_queue_name
 from mindtrace.jobs.backends.rabbitmq.compat import _AIORMQ_6
 from tests.jobs.conformance.models import image_schema, make_job
 from tests.jobs.support.proxy import TcpProxy, is_loopback
@@ -391,7 +389,7 @@ async def test_publish_to_a_missing_queue_fails_and_the_channel_still_works(
 # -- (6) deleting a queue --------------------------------------------------------------------------------
 
 
-async def test_delete_queue_removes_the_queue_its_dead_letter_queue_and_its_retry_queues(
+async def test_delete_queue_removes_the_queue_and_its_dead_letter_queue(
     amqp_url: str, queue: str, orchestrator: AsyncOrchestrator
 ) -> None:
     schema = image_schema(queue)
@@ -404,11 +402,9 @@ async def test_delete_queue_removes_the_queue_its_dead_letter_queue_and_its_retr
     consumer = consumer_of(queue, handler, max_retries=1, retry_delay=30)
     consumer.connect(orchestrator)
     await asyncio.wait_for(consumer.consume(num_messages=1), 10)
-    waiting = retry_queue_name(queue, retry_bucket(30)[0])
-    assert await raw_message_count(amqp_url, waiting) == 1
-    assert await orchestrator.count_queue_messages(queue) == 0  # waiting for its delay: not ready
+    assert await orchestrator.count_queue_messages(queue) == 0  # waiting for its delay (in the chain): not ready
     await orchestrator.delete_queue(queue)
-    for name in (queue, queue + ".dlq", waiting):
+    for name in (queue, queue + ".dlq"):
         assert await raw_message_count(amqp_url, name) is None, name
 
 
@@ -441,17 +437,6 @@ async def test_a_retry_becomes_ready_after_its_delay_with_its_priority(
     assert delivery.priority == 7 and delivery.delivery_count == 1
     retried = orchestrator.decode(delivery.body)
     assert retried.attempts == 1 and retried.error == "RuntimeError: not yet"
-
-
-@pytest.mark.parametrize("delay", [0.0004, 0.01, 0.5, 1.0, 2.5, 30.0, 300.0, 86_400.0])
-def test_retry_buckets_are_never_early_and_step_by_at_most_a_half_octave(delay: float) -> None:
-    bucket_ms, delay_ms = retry_bucket(delay)
-    assert delay * 1000 <= delay_ms <= bucket_ms
-    assert bucket_ms in RETRY_BUCKETS_MS
-    index = RETRY_BUCKETS_MS.index(bucket_ms)
-    assert index == 0 or RETRY_BUCKETS_MS[index - 1] < delay_ms
-    assert all(b <= a * 2**0.5 + 1 for a, b in itertools.pairwise(RETRY_BUCKETS_MS))
-    assert ":" in retry_queue_name("q", bucket_ms)  # outside the queue-name alphabet: no user queue collides
 
 
 # -- receivers -------------------------------------------------------------------------------------------

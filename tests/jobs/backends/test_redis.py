@@ -298,6 +298,10 @@ async def test_every_key_is_under_the_prefix_and_hash_tag_and_delete_removes_the
             await backend.retry(retried, outgoing(job), 60)
             await backend.dead_letter(dead, outgoing(job))
             keys = {key.decode() async for key in raw.scan_iter(match=f"{prefix}*")}
+            # The one key outside the queue's hash tag: the registry of queue names (list_queues), apart on purpose.
+            assert backend.registry_key == f"{prefix}queues" and backend.registry_key in keys
+            assert await raw.smembers(backend.registry_key) == {queue.encode()}
+            keys.discard(backend.registry_key)
             names = {
                 f"{prefix}{{{queue}}}:{name}"
                 for name in ("meta", "sequence", "ready", "delayed", "leases", "bodies", "tokens", "ranks")

@@ -31,7 +31,7 @@ from mindtrace.jobs import (
     job_from_schema,
 )
 from mindtrace.jobs.backends.base import Backend, OutgoingMessage, validate_queue_name
-from mindtrace.jobs.backends.rabbitmq import RETRY_BUCKETS_MS, retry_queue_name
+from mindtrace.jobs.backends.rabbitmq import delays
 from mindtrace.jobs.backends.redis import _Keys
 from mindtrace.jobs.constants import (
     DLQ_SUFFIX,
@@ -620,7 +620,7 @@ VALID_NAMES = st.one_of(
 ).filter(documented_valid)
 
 
-def test_no_two_valid_queue_names_share_a_redis_key_or_a_retry_queue() -> None:
+def test_no_two_valid_queue_names_share_a_redis_key_or_a_delay_destination() -> None:
     # Names one suffix apart are the likeliest to collide: draw those as often as unrelated pairs.
     related = VALID_NAMES.flatmap(lambda name: st.sampled_from([[name, name + DLQ_SUFFIX], [name, name + ".d"]]))
     pairs = st.one_of(st.lists(VALID_NAMES, min_size=2, max_size=2, unique=True), related).filter(
@@ -631,9 +631,8 @@ def test_no_two_valid_queue_names_share_a_redis_key_or_a_retry_queue() -> None:
     @given(
         names=pairs,
         prefix=st.sampled_from(["", "app:", "x"]),
-        bucket=st.sampled_from(RETRY_BUCKETS_MS),
     )
-    def check(names: list[str], prefix: str, bucket: int) -> None:
+    def check(names: list[str], prefix: str) -> None:
         CASES["redis key layout"] += 1
         prefix = REDIS_KEY_PREFIX + prefix
         keys = [set(_Keys.of(prefix, name).all()) for name in names]
@@ -644,9 +643,8 @@ def test_no_two_valid_queue_names_share_a_redis_key_or_a_retry_queue() -> None:
             # A queue and its dead-letter queue live in one cluster slot, so each script touches one slot.
             dlq = name if name.endswith(DLQ_SUFFIX) else name + DLQ_SUFFIX
             assert len({key_slot(key.encode()) for key in owned | set(_Keys.of(prefix, dlq).all())}) == 1
-            # RabbitMQ's retry queues can be no user's queue.
-            assert not documented_valid(retry_queue_name(name, bucket))
-        assert retry_queue_name(names[0], bucket) != retry_queue_name(names[1], bucket)
+        # RabbitMQ's delay chain delivers by a digest of the queue name: no two queues share one.
+        assert delays.destination_key(names[0]) != delays.destination_key(names[1])
 
     check()
     report("redis key layout", PURE_EXAMPLES)

@@ -2,8 +2,9 @@
 
 The package by noun: ``connection`` (the two robust connections, channels, error boundary), ``publisher``
 (confirmed publishing), ``receiver`` (claiming, one channel per running job), ``topology`` (exchange, queue
-arguments, priorities, retry buckets), ``conditions`` (refusals, an unreachable broker, resource alarms,
-consumer_timeout, in words a user can act on), ``compat`` (what differs on aio-pika 9 / aiormq 6).
+arguments, priorities), ``delays`` (the delay chain: delayed publishes and retry delays), ``conditions``
+(refusals, an unreachable broker, resource alarms, consumer_timeout, in words a user can act on), ``compat``
+(what differs on aio-pika 9 / aiormq 6).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
-from aiormq.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
+from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity, ChannelPreconditionFailed
 
 from mindtrace.jobs.backends._endpoint import Endpoint, Option, ca_bundle_context, split_url
 from mindtrace.jobs.backends.base import (
@@ -27,19 +28,19 @@ from mindtrace.jobs.backends.base import (
     Delivery,
     OutgoingMessage,
     QueueOptions,
+    QueueStats,
     Receiver,
+    dead_letter_queue_name,
 )
-from mindtrace.jobs.backends.rabbitmq.compat import _queue_delete_nowait
 from mindtrace.jobs.backends.rabbitmq.connection import _Channels, _on_open_channel, _Secret
+from mindtrace.jobs.backends.rabbitmq.delays import MAX_DELAY_MS, UNROUTABLE_QUEUE, _DelayChain
 from mindtrace.jobs.backends.rabbitmq.publisher import _Publisher
 from mindtrace.jobs.backends.rabbitmq.receiver import _Claim, _job_id, _RabbitMQReceiver
 from mindtrace.jobs.backends.rabbitmq.topology import (
     EXCHANGE,
-    RETRY_BUCKETS_MS,
+    REGISTRY_LOCK,
+    REGISTRY_QUEUE,
     queue_arguments,
-    retry_bucket,
-    retry_queue_arguments,
-    retry_queue_name,
 )
 from mindtrace.jobs.constants import (
     AMQP_HEARTBEAT,
@@ -84,9 +85,11 @@ class RabbitMQClient(Backend):
     raises PublishError.
 
     A claimed message is held until settled; if its consumer or connection dies the broker delivers it again
-    (no lease timeout). Retries wait in per-delay queues ``<queue>:retry:<ms>`` that hand the job back when
-    its delay has passed. Publishes go out on a connection of their own, so that a resource alarm, which
-    blocks connections that publish, never stops acks. The connections reconnect by themselves (aio-pika
+    (no lease timeout). Delayed publishes and retry delays wait in the vhost's delay chain (see ``delays``):
+    fixed-TTL queues that hand the job to its queue when its delay has passed, exact to a millisecond plus the
+    broker's hops; a job due for a queue deleted meanwhile lands in ``mindtrace.jobs:unroutable``. Publishes
+    go out on a connection of their own, so that a resource alarm, which blocks connections that publish,
+    never stops acks. The connections reconnect by themselves (aio-pika
     robust connections) and receivers subscribe again; jobs in flight at a disconnect run again. A broker that
     refuses the login, the vhost or an operation raises BackendRefusedError; one not reached within
     ``connect_timeout`` raises BackendUnavailableError. The password never appears in ``repr``,
@@ -105,22 +108,25 @@ class RabbitMQClient(Backend):
 
     schemes = ("amqp", "amqps")
 
-    # Classic queues only flag a redelivery, so the consumer counts lost runs on the job itself; retry delays
-    # wait in per-delay bucket queues (a retry may be late by up to a half-octave step, capped at the last
-    # bucket); a queued message cannot be taken out of the middle of a queue; AMQP cannot list queues. Nor can it
-    # publish only if absent: a queue is a log of messages, not keyed by anything (message_id is an opaque
-    # property the broker never indexes), so each publish of a job queues another copy.
+    # Classic queues only flag a redelivery, so the consumer counts lost runs on the job itself; delays wait in
+    # the delay chain, shared by every queue of the vhost, so a queue's delayed jobs cannot be counted; a queued
+    # message cannot be taken out of the middle of a queue; AMQP cannot list queues, so
+    # declare_queue writes a registry (REGISTRY_QUEUE). Nor can it publish only if absent: a queue is a log of
+    # messages, not keyed by anything (message_id is an opaque property the broker never indexes), so each
+    # publish of a job queues another copy. A passive declare counts ready messages and consumers only: claimed
+    # (unacked) messages are not visible over AMQP, so ``running`` is unknown.
     capabilities = Capabilities(
         lease_timeout=None,
         counted_deliveries=False,
-        exact_delays=False,
-        max_delay=RETRY_BUCKETS_MS[-1] / 1000,
+        exact_delays=True,
+        max_delay=None,  # the chain holds MAX_DELAY_MS, beyond MAX_DELAY
         priority_levels=PRIORITY_LEVELS,
         queued_job_removal="tombstone",
-        can_list_queues=False,
+        can_list_queues=True,  # from the registry declare_queue writes
         shared_queues=True,
         unique_job_ids=False,
         job_records=True,  # RabbitMQStateStore: a stream per queue on the same broker
+        queue_counts=frozenset({"ready", "dead_lettered", "consumers"}),
     )
 
     def __init__(
@@ -185,9 +191,11 @@ class RabbitMQClient(Backend):
             is_closed=lambda: self._closed,
         )
         self._publisher = _Publisher(self._channels)
+        self._delays = _DelayChain(self._channels, self._publisher)
         self._receivers: set[_RabbitMQReceiver] = set()
         self._late_returns: set[asyncio.Task[Any]] = set()
         self._state: RabbitMQStateStore | None = None
+        self._registry_lock: asyncio.Lock | None = None
 
     def state_store(self) -> RabbitMQStateStore:
         """This client's job records: a RabbitMQStateStore on the same broker, with its own connections (made once)."""
@@ -282,14 +290,17 @@ class RabbitMQClient(Backend):
             )
 
     async def _publish(self, queue: str, message: OutgoingMessage) -> None:
-        await self._publisher.send(EXCHANGE, queue, queue, message)
+        if message.delay > 0:
+            await self._delays.send(queue, message, message.delay)
+        else:
+            await self._publisher.send(EXCHANGE, queue, queue, message)
 
     async def _publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
         # Confirms are pipelined: a window of messages is written in order before their confirms are awaited.
         for start in range(0, len(messages), _PUBLISH_WINDOW):
             window = messages[start : start + _PUBLISH_WINDOW]
             results = await asyncio.gather(
-                *(self._publisher.send(EXCHANGE, queue, queue, message) for message in window), return_exceptions=True
+                *(self._publish(queue, message) for message in window), return_exceptions=True
             )
             for result in results:
                 if isinstance(result, BaseException):
@@ -316,6 +327,8 @@ class RabbitMQClient(Backend):
                     ) from exc
                 await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True, timeout=timeout)
                 await declared.bind(EXCHANGE, routing_key=queue, timeout=timeout)
+        # Bound to the delay chain's exit at every declare, so a queue deleted and declared again takes delayed jobs.
+        await self._delays.bind(queue)
 
     async def _queue_exists(self, queue: str) -> bool:
         with self._channels.boundary():
@@ -346,27 +359,113 @@ class RabbitMQClient(Backend):
                 return int(result.message_count or 0)
 
     async def _delete_queue(self, queue: str) -> None:
+        # Its delayed jobs stay in the shared delay chain; due after the delete, they land in UNROUTABLE_QUEUE
+        # (or in a queue of the same name declared again before they are due).
+        self._delays.forget(queue)
         with self._channels.boundary():
             async with self._channels.ops_channel() as channel:
                 underlay = await channel.get_underlay_channel()
-                # Any retry queue may exist (another process may have made it): delete each without waiting;
-                # the broker answers the final delete only after it handled every one before it.
-                for bucket in RETRY_BUCKETS_MS:
-                    await _queue_delete_nowait(underlay, retry_queue_name(queue, bucket), self.operation_timeout)
                 await underlay.queue_delete(queue, timeout=self.operation_timeout)
 
-    async def _declare_retry_queue(self, queue: str, bucket_ms: int) -> str:
-        # Declared on every retry: that renews its x-expires, which counts from the last declare.
-        name = retry_queue_name(queue, bucket_ms)
+    # -- the registry of queues, stats and peeking -------------------------------------------------------
+
+    async def _register_queue(self, queue: str) -> None:
+        # One persistent message per declare, confirmed; duplicates and names of deleted queues are pruned by the
+        # next listing, so the registry stays about as long as the list of queues.
         with self._channels.boundary():
             async with self._channels.ops_channel() as channel:
-                await channel.declare_queue(
-                    name,
-                    durable=True,
-                    arguments=retry_queue_arguments(queue, bucket_ms),
-                    timeout=self.operation_timeout,
-                )
-        return name
+                await channel.declare_queue(REGISTRY_QUEUE, durable=True, timeout=self.operation_timeout)
+        await self._publisher.send("", REGISTRY_QUEUE, REGISTRY_QUEUE, OutgoingMessage(queue.encode(), 0, ""))
+
+    async def _list_queues(self) -> list[str]:
+        """Read the registry: take every message unacked on a channel of its own (under REGISTRY_LOCK), drop
+        (ack) duplicates and names whose queue is gone, and close the channel, which puts the rest back in
+        their order. A reader that dies midway loses nothing: its channel's messages go back too."""
+        if self._registry_lock is None:
+            self._registry_lock = asyncio.Lock()
+        async with self._registry_lock:  # the exclusive lock queue is per connection: one reader per process too
+            with self._channels.boundary():
+                await self._lock_registry()
+                try:
+                    return await self._read_registry()
+                finally:
+                    async with self._channels.ops_channel() as channel:
+                        await channel.queue_delete(REGISTRY_LOCK, timeout=self.operation_timeout)
+
+    async def _read_registry(self) -> list[str]:
+        channel = await self._channels.open_channel()
+        try:
+            registry = await channel.declare_queue(REGISTRY_QUEUE, durable=True, timeout=self.operation_timeout)
+            names: list[str] = []
+            while True:
+                message = await registry.get(no_ack=False, fail=False, timeout=self.operation_timeout)
+                if message is None:
+                    return names
+                name = message.body.decode(errors="replace")
+                if name in names or not await self._queue_exists(name):
+                    await message.ack()
+                else:
+                    names.append(name)
+        finally:
+            await self._channels.discard(channel)  # the kept names go back, in order
+
+    async def _lock_registry(self) -> None:
+        """Declare REGISTRY_LOCK exclusive to this client's connection, waiting while another one holds it."""
+        deadline = asyncio.get_running_loop().time() + self.operation_timeout
+        while True:
+            probe = await self._channels.open_channel()
+            try:
+                await probe.declare_queue(REGISTRY_LOCK, exclusive=True, timeout=self.operation_timeout)
+                return
+            except ChannelLockedResource:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise self.endpoint.unavailable(
+                        f"the registry of queues on {self.describe()} stayed locked by another reader for "
+                        f"{self.operation_timeout:g}s"
+                    ) from None
+                await asyncio.sleep(0.05)
+            finally:
+                await self._channels.discard(probe)
+
+    async def _probe(self, queue: str) -> tuple[int, int] | None:
+        """``(ready messages, consumers)`` of ``queue`` by a passive declare, or None when it does not exist."""
+        with self._channels.boundary():
+            async with self._channels.ops_channel() as channel:
+                underlay = await channel.get_underlay_channel()
+                try:
+                    ok = await underlay.queue_declare(queue, passive=True, timeout=self.operation_timeout)
+                except ChannelNotFoundEntity:
+                    return None
+                return int(ok.message_count or 0), int(ok.consumer_count or 0)
+
+    async def _queue_stats(self, queue: str) -> QueueStats:
+        main = await self._probe(queue)
+        if main is None:
+            raise QueueNotFoundError(queue)
+        dlq_name = dead_letter_queue_name(queue)
+        dead = (await self._probe(dlq_name) if dlq_name != queue else None) or (0, 0)
+        # Delayed jobs wait in the delay chain every queue shares: not countable per queue (delayed is None).
+        return QueueStats(queue, main[0], dead_lettered=dead[0], consumers=main[1])
+
+    async def _peek(self, queue: str, limit: int) -> list[bytes]:
+        """basic.get without ack, up to ``limit`` times, on a channel of its own; closing it puts every message
+        back at its place (RabbitMQ requeues to the original position), flagged as redelivered. While read,
+        they are held: another consumer of the queue skips them for those milliseconds."""
+        if await self._probe(queue) is None:
+            raise QueueNotFoundError(queue)
+        bodies: list[bytes] = []
+        with self._channels.boundary():
+            channel = await self._channels.open_channel()
+            try:
+                source = await channel.get_queue(queue, ensure=False)
+                while len(bodies) < limit:
+                    message = await source.get(no_ack=False, fail=False, timeout=self.operation_timeout)
+                    if message is None:
+                        break
+                    bodies.append(message.body)
+            finally:
+                await self._channels.discard(channel)
+        return bodies
 
     # -- claiming and settling -----------------------------------------------------------------------
 
@@ -447,9 +546,7 @@ class RabbitMQClient(Backend):
             if delay <= 0:
                 await self._publisher.send(EXCHANGE, delivery.queue, delivery.queue, message)
             else:
-                bucket_ms, delay_ms = retry_bucket(delay)
-                name = await self._declare_retry_queue(delivery.queue, bucket_ms)
-                await self._publisher.send("", name, delivery.queue, message, expiration_ms=delay_ms)
+                await self._delays.send(delivery.queue, message, delay)
         except BaseException:
             await self._give_back(delivery)
             raise
@@ -472,4 +569,4 @@ class RabbitMQClient(Backend):
         await self._ack(delivery)
 
 
-__all__ = ["EXCHANGE", "RETRY_BUCKETS_MS", "RabbitMQClient", "retry_bucket", "retry_queue_name"]
+__all__ = ["EXCHANGE", "MAX_DELAY_MS", "UNROUTABLE_QUEUE", "RabbitMQClient"]

@@ -46,15 +46,3 @@ def _on_consumer_cancel(underlay: Any, callback: _CancelCallback) -> None:
             consumers = underlay.consumers = _CancelNotifyingConsumers(consumers)
         callbacks = consumers.callbacks
     callbacks.add(callback)
-
-
-async def _queue_delete_nowait(underlay: Any, queue: str, timeout: float | None) -> None:
-    """Send a queue.delete of ``queue`` on the aiormq channel ``underlay`` without waiting for its answer.
-
-    aiormq 6 waits for an answer to a ``nowait`` call, which the broker never sends, so there the delete
-    waits for its answer (bounded by ``timeout``) instead.
-    """
-    if _AIORMQ_6:
-        await underlay.queue_delete(queue, timeout=timeout)
-    else:
-        await underlay.queue_delete(queue, nowait=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
@@ -35,21 +36,23 @@ class _Publisher:
         queue: str,
         message: OutgoingMessage,
         *,
-        expiration_ms: int = 0,
+        headers: Mapping[str, Any] | None = None,
     ) -> None:
         """Publish one persistent message (mandatory) and wait for the broker's confirm.
 
         A message that ``resumes`` a cut-short run goes ahead of the jobs waiting at its priority, as it
         would on Redis (see :func:`broker_priority`).
 
-        ``queue`` is the queue the caller means, for errors. A message nothing was sent of is sent again
+        ``headers`` are added to the job's own (the delay chain's due time and queue, say). ``queue`` is the
+        queue the caller means, for errors. A message nothing was sent of is sent again
         once on a fresh channel (after a reconnect); one that was sent is never sent twice.
         """
         properties = spec.Basic.Properties(
             message_id=message.job_id or None,  # names the job in errors about this delivery (see receiver._job_id)
             delivery_mode=2,
             priority=broker_priority(message.priority, resumes=message.resumes),
-            expiration=str(expiration_ms) if expiration_ms else None,
+            # The job's headers (trace context) are in the body; mirrored here for AMQP tools that read them.
+            headers={**(message.headers or {}), **(headers or {})} or None,
         )
         for attempt in (1, 2):
             with self._channels.boundary():
@@ -98,7 +101,11 @@ class _Publisher:
         """
         if not _on_open_channel(message):
             return  # its channel closed: the broker has it back already (a copy would be a duplicate)
-        copy = OutgoingMessage(message.body, job_priority(message.priority), message.message_id or "", resumes=True)
+        # The job's mirrored headers (trace context) go with the copy; the broker's own ``x-`` ones do not.
+        headers = {k: v for k, v in (message.headers or {}).items() if isinstance(v, str) and not k.startswith("x-")}
+        copy = OutgoingMessage(
+            message.body, job_priority(message.priority), message.message_id or "", resumes=True, headers=headers
+        )
         try:
             await self.send(EXCHANGE, queue, queue, copy)
         except Exception:

@@ -25,7 +25,9 @@ from mindtrace.jobs.backends.base import (
     Delivery,
     OutgoingMessage,
     QueueOptions,
+    QueueStats,
     Receiver,
+    dead_letter_queue_name,
 )
 from mindtrace.jobs.backends.redis.connection import (
     _RETRY_BASE,
@@ -145,6 +147,7 @@ class RedisClient(Backend):
             shared_queues=True,
             unique_job_ids=True,  # publish.lua queues a job id only if the queue holds no body under it
             job_records=True,  # RedisStateStore, on the same server
+            queue_counts=frozenset({"ready", "running", "delayed", "dead_lettered"}),  # consumers: not tracked
         )
         self.operation_timeout = float(operation_timeout)
         self.connection_retries = connection_retries
@@ -334,24 +337,29 @@ class RedisClient(Backend):
         with self._connection.io():
             return bool(await self._connection.commands.exists(self._keys(queue).meta))
 
-    async def _publish(self, queue: str, message: OutgoingMessage) -> None:
-        await self._publish_many(queue, [message])
+    async def _publish(self, queue: str, message: OutgoingMessage) -> str | None:
+        held = await self._publish_many(queue, [message])
+        return None if held is None else held[0]
 
-    async def _publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
+    async def _publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> list[str] | None:
         keys = self._keys(queue)
-        base_keys = [keys.meta, keys.sequence, keys.ready, keys.bodies, keys.wake]
+        base_keys = [keys.meta, keys.sequence, keys.ready, keys.bodies, keys.wake, keys.delayed, keys.ranks]
         chunks = [messages[i : i + _PUBLISH_CHUNK] for i in range(0, len(messages), _PUBLISH_CHUNK)]
         # The orchestrator gives every message its QUEUED record, or none: written by the script (own store).
         store = self._state if all(message.state is not None for message in messages) else None
 
         def call(chunk: Sequence[OutgoingMessage]) -> tuple[list[Any], list[Any]]:
             if store is None:
-                return base_keys, [value for m in chunk for value in (m.priority, m.job_id, m.body)]
+                return base_keys, [value for m in chunk for value in (m.priority, m.job_id, m.body, _ms(m.delay))]
             script_keys = [*base_keys, store.index_key(queue), *(store.record_key(queue, m.job_id) for m in chunk)]
             args = [
                 value
                 for m in chunk
-                for value in (m.priority, m.job_id, m.body, *store.record_args(queue, cast(StateUpdate, m.state)))
+                for value in (
+                    *(m.priority, m.job_id, m.body, _ms(m.delay)),
+                    *store.record_args(queue, cast(StateUpdate, m.state)),
+                    *store.unique_args(queue, cast(StateUpdate, m.state)),
+                )
             ]
             return script_keys, args
 
@@ -365,8 +373,14 @@ class RedisClient(Backend):
                         script_keys, args = call(chunk)
                         await self._connection.script("publish")(keys=script_keys, args=args, client=pipe)
                     queued = await pipe.execute()
-        if queued[0] < 0:
+        if any(not isinstance(answer, list) and answer < 0 for answer in queued):
             raise QueueNotFoundError(queue)
+        if store is None:
+            return None
+        # With records, each call answers [queued, holder per message]: a holder is the job whose unique key
+        # kept the message out ("": queued under its own id, or held under it already).
+        holders = [h.decode() if isinstance(h, bytes) else str(h) for answer in queued for h in answer[1:]]
+        return [holder or message.job_id for holder, message in zip(holders, messages, strict=True)]
 
     async def _open_receiver(self, queue: str, prefetch: int, worker: str | None = None) -> Receiver:
         async def claim(queue: str, keys: _Keys, count: int, into: collections.deque[Delivery]) -> float | None:
@@ -430,7 +444,7 @@ class RedisClient(Backend):
                     *(keys.sequence, keys.ready, keys.delayed, keys.leases, keys.bodies),
                     *(keys.tokens, keys.ranks, keys.deliveries, keys.wake),
                 ],
-                [lease.message_id, lease.token, message.priority, message.body, math.ceil(delay * 1000)],
+                [lease.message_id, lease.token, message.priority, message.body, _ms(delay)],
             ),
         )
         if done < 0:
@@ -474,6 +488,60 @@ class RedisClient(Backend):
             raise QueueNotFoundError(queue)
         return int(count)
 
+    @property
+    def registry_key(self) -> str:
+        """The set of every declared queue name (``<prefix>queues``): no brace, so no queue's key can be it."""
+        return f"{self.key_prefix}queues"
+
+    async def _register_queue(self, queue: str) -> None:
+        # A key apart from the queue's hash tag (a cluster slot of its own), so not in declare.lua's step: a crash
+        # in between leaves a queue unlisted until an orchestrator's ensure_queue finds it (register_queue) or it is
+        # declared again.
+        with self._connection.io():
+            await self._connection.commands.sadd(self.registry_key, queue)
+
+    async def _unregister_queue(self, queue: str) -> None:
+        with self._connection.io():
+            await self._connection.commands.srem(self.registry_key, queue)
+
+    async def _list_queues(self) -> list[str]:
+        with self._connection.io():
+            members = await self._connection.commands.smembers(self.registry_key)
+            names = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+            if not names:
+                return []
+            # A queue whose keys are gone (a restart without persistence) is not listed.
+            async with self._connection.commands.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.exists(self._keys(name).meta)
+                exists = await pipe.execute()
+        return [name for name, alive in zip(names, exists, strict=True) if alive]
+
+    async def _queue_stats(self, queue: str) -> QueueStats:
+        keys = self._keys(queue)
+        dlq_name = dead_letter_queue_name(queue)
+        if dlq_name == queue:
+            dead_keys = ["", "", "", ""]
+        else:
+            dead = self._keys(dlq_name)
+            dead_keys = [dead.meta, dead.ready, dead.delayed, dead.leases]
+        reply = await self._connection.run(
+            "stats",
+            [keys.meta, keys.ready, keys.delayed, keys.leases, keys.tokens, keys.ranks, keys.wake, *dead_keys],
+            [],
+        )
+        if reply == -1:
+            raise QueueNotFoundError(queue)
+        ready, running, delayed, dead_lettered = (int(value) for value in reply)
+        return QueueStats(queue, ready, running=running, delayed=delayed, dead_lettered=dead_lettered)
+
+    async def _peek(self, queue: str, limit: int) -> list[bytes]:
+        keys = self._keys(queue)
+        reply = await self._connection.run("peek", [keys.meta, keys.ready, keys.bodies], [limit])
+        if reply == -1:
+            raise QueueNotFoundError(queue)
+        return [bytes(body) for body in reply]
+
     async def _purge(self, queue: str) -> int:
         keys = self._keys(queue)
         script_keys = [
@@ -499,3 +567,8 @@ class RedisClient(Backend):
             await self._connection.commands.unlink(*self._keys(queue).all())
         if self._state is not None:  # its own store: the queue's records go too
             await self._state.forget_queue(queue)
+
+
+def _ms(seconds: float) -> int:
+    """A delay in whole milliseconds, rounded up (a job is never ready before its delay ends)."""
+    return math.ceil(seconds * 1000 - 1e-6) if seconds > 0 else 0

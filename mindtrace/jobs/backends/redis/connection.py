@@ -54,6 +54,8 @@ _SCRIPTS = (
     "dead_letter",
     "extend",
     "count",
+    "stats",
+    "peek",
     "purge",
     "wake",
     "state_record",
@@ -61,6 +63,7 @@ _SCRIPTS = (
     "state_forget",
     "state_read",
     "state_start",
+    "state_unique",
 )
 
 

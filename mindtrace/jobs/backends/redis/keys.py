@@ -21,7 +21,7 @@ class _Keys:
     meta: str  # hash: options (JSON); exists exactly while the queue does
     sequence: str  # counter: message ids and FIFO order
     ready: str  # sorted set: message id -> rank
-    delayed: str  # sorted set: message id -> time (ms) its retry delay ends
+    delayed: str  # sorted set: message id -> time (ms) its delay (a delayed publish, a retry) ends
     leases: str  # sorted set: message id -> time (ms) its lease ends
     bodies: str  # hash: message id -> body
     tokens: str  # hash: message id -> token of its current lease

@@ -15,7 +15,16 @@
 --
 -- set_deadline(leases, id, at) moves a leased message's deadline to ``at``.
 --
--- retain(rec, idx, id, ttl, at) starts the retention of a job record that became terminal (state scripts).
+-- retain(rec, idx, id, ttl, at) starts the retention of a job record that became terminal (state scripts),
+-- and frees the unique key the job held, if it still holds it (release_key).
+--
+-- Unique jobs: a key string (under the queue's hash tag, named by the client) holds the id of the job that
+-- published it; its record hash keeps the key's name in field k. key_holder(dkey, prefix, id) is the id of the
+-- job that holds dkey, if that is not ``id`` and the job lives (its record, ``prefix`` .. its id, exists and is
+-- not terminal): a holder whose record is gone (withdrawn, purged, past retention) holds nothing, so a release
+-- that never ran cannot lock a key for ever. take_key(dkey, rec, id, ttl) gives dkey to ``id`` (for ``ttl`` ms;
+-- "": until released). release_key(rec, id) deletes the key of record ``rec`` only while it still names ``id``:
+-- after a TTL freed it, another job may hold it.
 --
 -- record(rec, idx, a, i) applies one StateUpdate to a job's record hash ``rec`` (index ``idx``), its three
 -- arguments a[i]..a[i+2] laid out as state_record.lua describes: the one Lua form of the merge rule's effects,
@@ -75,9 +84,38 @@ local function wake(list)
   end
 end
 
+local function key_holder(dkey, prefix, id)
+  local holder = redis.call('GET', dkey)
+  if not holder or holder == id then
+    return nil
+  end
+  local rec = prefix .. holder
+  if redis.call('EXISTS', rec) == 1 and redis.call('HEXISTS', rec, 't') == 0 then
+    return holder
+  end
+  return nil
+end
+
+local function take_key(dkey, rec, id, ttl)
+  if ttl ~= '' then
+    redis.call('SET', dkey, id, 'PX', ttl)
+  else
+    redis.call('SET', dkey, id)
+  end
+  redis.call('HSET', rec, 'k', dkey)
+end
+
+local function release_key(rec, id)
+  local dkey = redis.call('HGET', rec, 'k')
+  if dkey and redis.call('GET', dkey) == id then
+    redis.call('DEL', dkey)
+  end
+end
+
 local function retain(rec, idx, id, ttl, at)
   -- A record that became terminal at ``at`` (ms) is kept ``ttl`` ms ("" : kept), its index entry scored by
-  -- its expiry; index entries of records already past retention are dropped.
+  -- its expiry; index entries of records already past retention are dropped. Its unique key is free.
+  release_key(rec, id)
   if ttl ~= '' then
     redis.call('PEXPIRE', rec, ttl)
     redis.call('ZADD', idx, at + tonumber(ttl), id)

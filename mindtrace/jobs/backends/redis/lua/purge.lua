@@ -5,7 +5,7 @@
 -- ARGV[1] most messages to remove
 -- With records (RedisClient with its own store): KEYS[9] the queue's record index, ARGV[2] the record key
 -- prefix, ARGV[3] the event channel prefix: the record of each removed job that is not terminal is forgotten
--- in the same step (it reads UNKNOWN; its channel is told).
+-- in the same step (it reads UNKNOWN; its channel is told; its unique key is free).
 --
 -- Due retries and expired leases are made ready first, then the first ARGV[1] ready messages go with their
 -- bodies and delivery counts. Claimed messages and retries still waiting are kept. The client calls it until
@@ -30,6 +30,9 @@ end
 if KEYS[9] then
   for _, id in ipairs(ids) do
     local rec = ARGV[2] .. id
+    if redis.call('HEXISTS', rec, 't') == 0 then
+      release_key(rec, id)
+    end
     if redis.call('HEXISTS', rec, 't') == 0 and redis.call('DEL', rec) == 1 then
       redis.call('ZREM', KEYS[9], id)
       redis.call('PUBLISH', ARGV[3] .. id, 'withdrawn')
