@@ -45,6 +45,7 @@ from mindtrace.jobs.hooks import Hook, PublishEvent, RunEvent, SettleEvent
 from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus, Progress
 from mindtrace.jobs.orchestrator import AsyncOrchestrator
 from mindtrace.jobs.policy import RetryPolicy
+from mindtrace.jobs.schedules import ScheduleInfo
 from mindtrace.jobs.state import StateCapabilities, StateStore
 from mindtrace.jobs.sync import Consumer, JobHandle, Orchestrator
 from mindtrace.jobs.types import QUEUE_MAPPING, Job, JobInput, JobOutput, JobSchema, JobType, job_from_schema
@@ -117,6 +118,7 @@ __all__ = [
     "ResultTooLargeError",
     "RetryPolicy",
     "RunEvent",
+    "ScheduleInfo",
     "SettleEvent",
     "StateCapabilities",
     "StateStore",

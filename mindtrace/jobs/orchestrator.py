@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -48,6 +49,17 @@ from mindtrace.jobs.hooks import (
 )
 from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus, Progress, StateUpdate
 from mindtrace.jobs.policy import Action, Outcome, requeued, retry_refused, undecodable
+from mindtrace.jobs.schedules import (
+    SCHEDULE_REFRESH,
+    MisfirePolicy,
+    ScheduleInfo,
+    Scheduler,
+    ScheduleSpec,
+    ScheduleState,
+    ScheduleStore,
+    info_of,
+    make_spec,
+)
 from mindtrace.jobs.state import StateStore, state_store_from_url
 from mindtrace.jobs.types import QUEUE_MAPPING, Job, JobOutput, JobSchema
 from mindtrace.jobs.unique import Unique, unique_of
@@ -131,6 +143,7 @@ class AsyncOrchestrator:
         # loses them (a Redis restart without persistence); a cache, so checked again on QueueNotFoundError.
         self._known_queues: dict[str, QueueOptions] = {}
         self._consumers: weakref.WeakSet[AsyncConsumer] = weakref.WeakSet()
+        self._schedulers: set[asyncio.Task[Any]] = set()  # the tasks running run_schedules here: close() ends them
         self._closed = False
         #: The hooks called around publishes, runs and settles, here and in the consumers connected here.
         self.hooks: tuple[Hook, ...] = check_hooks(hooks)
@@ -716,6 +729,116 @@ class AsyncOrchestrator:
                     await self.backend.release(delivery)
         return moved
 
+    # -- schedules -------------------------------------------------------------------------------------
+
+    @property
+    def schedule_store(self) -> ScheduleStore:
+        """Where this orchestrator's schedules live: its backend's schedule store (UsageError when its
+        ``capabilities.schedules`` is "none")."""
+        return self.backend.schedule_store()
+
+    async def schedule(
+        self,
+        name: str,
+        queue_name: str,
+        job: Job,
+        *,
+        cron: str | None = None,
+        tz: str | None = None,
+        every: float | timedelta | None = None,
+        misfire: MisfirePolicy = "coalesce",
+        grace: float | timedelta | None = None,
+    ) -> ScheduleInfo:
+        """Create or replace the schedule ``name``: a copy of ``job`` is published on ``queue_name`` at each fire
+        time, by whichever process runs schedules (``run_schedules``, ``consume(run_schedules=True)``, the worker
+        CLI), once per fire time however many do.
+
+        Fire times: ``cron`` (five fields, e.g. ``"0 3 * * *"``) in the IANA time zone ``tz`` (default UTC;
+        daylight saving time as cron keeps it: a time skipped in spring runs at the next valid minute, a time
+        repeated in autumn runs once), or ``every`` (seconds or a timedelta) aligned to the Unix epoch in UTC
+        (``every=timedelta(minutes=5)`` fires at :00, :05, ...). The first fire is the first fire time after the
+        schedule was stored. Each fire's job id is ``<name>@<UTC fire time>`` (``nightly@2026-12-04T02:00:00Z``).
+
+        Misfires (no scheduler ran at a fire time): the fires missed become one, at the latest missed time,
+        which runs if it is at most ``grace`` (seconds or a timedelta) late: by default however late with
+        ``misfire="coalesce"``, and ``SKIP_GRACE`` (60 s) with ``misfire="skip"``; it is skipped (logged)
+        otherwise.
+
+        Idempotent: the same schedule again changes nothing (its next fire stays); a changed one replaces it
+        and owes no fire from before the change. The queue must exist (QueueNotFoundError). JobValidationError
+        naming the field for an empty name, both or neither of ``cron``/``every``, an invalid cron expression or
+        time zone, an interval or grace that is not > 0, or a job that does not validate against its registered
+        schema; nothing is stored then.
+        """
+        self._check_open()
+        store = self.schedule_store
+        checked = self._check_job(job)
+        now = await store.now_ms()
+        spec = make_spec(
+            name, queue_name, checked, cron=cron, tz=tz, every=every, misfire=misfire, grace=grace, anchor_ms=0
+        )
+        if not await self.backend.queue_exists(spec.queue):
+            raise QueueNotFoundError(spec.queue)
+        stored = await store.upsert(spec, now)
+        template = self.decode(stored.job.encode(), stored.queue)
+        cursor = next((state.cursor_ms for state in await store.load() if state.spec.name == stored.name), None)
+        return info_of(ScheduleState(stored, cursor), template, now)
+
+    async def unschedule(self, name: str) -> bool:
+        """Remove the schedule ``name``: no fire of it follows (a job it already published stays). Whether it
+        existed."""
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise JobValidationError(f"schedule name must be a non-empty str, not {name!r}", field="name")
+        return await self.schedule_store.remove(name)
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        """Every schedule stored on the backend, by name, with its last and next fire times."""
+        self._check_open()
+        store = self.schedule_store
+        now = await store.now_ms()
+        states = sorted(await store.load(), key=lambda state: state.spec.name)
+        return [info_of(state, self.decode(state.spec.job.encode(), state.spec.queue), now) for state in states]
+
+    async def run_schedules(self, *, refresh: float = SCHEDULE_REFRESH) -> None:
+        """Fire this backend's schedules until cancelled or ``close()`` (any number of processes may run this at
+        once; each fire happens once). Schedules stored or removed elsewhere are seen within ``refresh`` seconds;
+        a broker outage is logged and ridden out (see :meth:`mindtrace.jobs.schedules.Scheduler.run`)."""
+        self._check_open()
+        if not refresh > 0:
+            raise ConfigurationError(f"refresh must be a number of seconds > 0, not {refresh!r}")
+        task = asyncio.current_task()
+        if task is not None:
+            self._schedulers.add(task)
+        try:
+            await Scheduler(self, self.schedule_store, refresh).run()
+        finally:
+            if task is not None:
+                self._schedulers.discard(task)
+
+    async def fire(self, store: ScheduleStore, spec: ScheduleSpec, expected_ms: int, cursor_ms: int, job: Job) -> bool:
+        """Publish one fire of a schedule: ``job`` on ``spec.queue`` if the schedule's cursor moves from
+        ``expected_ms`` to ``cursor_ms`` (else nothing: another process fired it); whether it was published.
+        In one atomic step where the store can, else the cursor first, then the publish."""
+        record = _queued(job) if self.records else None
+        fused = record is not None and self._fused()
+        hooks = awake(self.hooks) if self.hooks else None
+        manager = (
+            around([hook.publish(PublishEvent(spec.queue, job, broker_name(self.backend))) for hook in hooks])
+            if hooks
+            else None
+        )
+        with manager if manager is not None else contextlib.nullcontext():
+            done = await store.fire(spec, expected_ms, cursor_ms, outgoing(job, state=record if fused else None))
+            if done is None:
+                if not await store.advance(spec, expected_ms, cursor_ms):
+                    return False
+                await self._publish(spec.queue, job, False, 0.0)
+                return True
+            if done and record is not None and not fused:
+                await self.state.record(spec.queue, record)
+            return done
+
     def attach(self, consumer: AsyncConsumer) -> None:
         """Remember (weakly) a consumer connected to this orchestrator, for ``close()`` to stop first."""
         self._consumers.add(consumer)
@@ -732,6 +855,10 @@ class AsyncOrchestrator:
         if self._closed:
             return
         self._closed = True
+        schedulers = list(self._schedulers)
+        for task in schedulers:
+            task.cancel()
+        await asyncio.gather(*schedulers, return_exceptions=True)
         consumers = [consumer for consumer in self._consumers if consumer.consuming]
         if consumers:
             results = await asyncio.gather(*(consumer.shutdown(grace) for consumer in consumers))

@@ -21,6 +21,7 @@ from mindtrace.jobs.hooks import Hook
 from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus
 from mindtrace.jobs.orchestrator import AsyncOrchestrator
 from mindtrace.jobs.policy import RetryPolicy
+from mindtrace.jobs.schedules import SCHEDULE_REFRESH, MisfirePolicy, ScheduleInfo
 from mindtrace.jobs.state.base import StateStore
 from mindtrace.jobs.types import Job, JobOutput, JobSchema
 from mindtrace.jobs.wire import SchemaTypes
@@ -241,6 +242,34 @@ class Orchestrator:
     def requeue_dead_letters(self, queue_name: str, limit: int | None = None) -> int:
         """See :meth:`AsyncOrchestrator.requeue_dead_letters`."""
         return self._thread.run(self.aio.requeue_dead_letters(queue_name, limit), "Orchestrator")
+
+    def schedule(
+        self,
+        name: str,
+        queue_name: str,
+        job: Job,
+        *,
+        cron: str | None = None,
+        tz: str | None = None,
+        every: float | timedelta | None = None,
+        misfire: MisfirePolicy = "coalesce",
+        grace: float | timedelta | None = None,
+    ) -> ScheduleInfo:
+        """See :meth:`AsyncOrchestrator.schedule`."""
+        upsert = self.aio.schedule(name, queue_name, job, cron=cron, tz=tz, every=every, misfire=misfire, grace=grace)
+        return self._thread.run(upsert, "Orchestrator")
+
+    def unschedule(self, name: str) -> bool:
+        """See :meth:`AsyncOrchestrator.unschedule`."""
+        return self._thread.run(self.aio.unschedule(name), "Orchestrator")
+
+    def schedules(self) -> list[ScheduleInfo]:
+        """See :meth:`AsyncOrchestrator.schedules`."""
+        return self._thread.run(self.aio.schedules(), "Orchestrator")
+
+    def run_schedules(self, *, refresh: float = SCHEDULE_REFRESH) -> None:
+        """See :meth:`AsyncOrchestrator.run_schedules`: blocks, firing schedules, until Ctrl-C."""
+        return self._thread.run(self.aio.run_schedules(refresh=refresh), "Orchestrator")
 
     def close(self, grace: float = CLOSE_GRACE) -> None:
         """See :meth:`AsyncOrchestrator.close`."""

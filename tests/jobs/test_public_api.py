@@ -21,7 +21,7 @@ EXPECTED = {
     "AsyncJobHandle", "JobHandle", "JobStatus", "JobInfo", "CancelOutcome", "Progress", "JobContext", "current_job",
     "StateStore", "StateCapabilities", "JobOutcomeError", "JobFailedError", "JobCancelledError", "JobExpiredError",
     "JobNotFoundError", "ResultTimeoutError", "JobTimeoutError", "ResultTooLargeError",
-    "Hook", "PublishEvent", "RunEvent", "SettleEvent",
+    "Hook", "PublishEvent", "RunEvent", "SettleEvent", "ScheduleInfo",
 }  # fmt: skip
 
 

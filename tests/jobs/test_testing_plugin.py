@@ -238,6 +238,34 @@ def test_the_blocking_orchestrator_runs_on_the_fake_clock_too(jobs_sync_orchestr
     assert jobs_sync_orchestrator.count_queue_messages(jobs_queue) == 1
 
 
+@pytest.mark.asyncio
+async def test_a_nightly_schedule_fires_once_a_night_when_the_clock_moves(jobs_orchestrator, jobs_queue, jobs_clock):
+    import asyncio
+    from datetime import datetime, timezone
+    from zoneinfo import ZoneInfo
+
+    jobs_clock.set(datetime(2027, 3, 26, 12, 0, tzinfo=timezone.utc))  # spring 2027: clocks go forward on the 28th
+    await jobs_orchestrator.declare_queue(jobs_queue)
+    job = job_from_schema(SCHEMA, JobInput())
+    await jobs_orchestrator.schedule("nightly", jobs_queue, job, cron="30 2 * * *", tz="Europe/Berlin")
+    scheduler = asyncio.create_task(jobs_orchestrator.run_schedules())
+    try:
+        for _ in range(3 * 24):  # three days, an hour at a time, across the spring change of clocks
+            jobs_clock.advance(timedelta(hours=1))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+    finally:
+        scheduler.cancel()
+    fired = []
+    while (received := await jobs_orchestrator.receive_message(jobs_queue, timeout=0)) is not None:
+        fired.append(received.id)
+    berlin = ZoneInfo("Europe/Berlin")
+    times = [datetime.fromisoformat(i.split("@")[1].replace("Z", "+00:00")).astimezone(berlin) for i in fired]
+    # 02:30 does not exist on 28 March in Berlin: that night's run is at 03:00, the next valid minute.
+    assert [t.strftime("%d %H:%M") for t in times] == ["27 02:30", "28 03:00", "29 02:30"]
+    await jobs_orchestrator.unschedule("nightly")
+
+
 def test_the_fake_clock_is_for_memory_only(jobs_clock):
     pass
 """
@@ -245,7 +273,7 @@ def test_the_fake_clock_is_for_memory_only(jobs_clock):
 
 def test_jobs_clock_lands_a_one_day_delay_at_once_and_is_skipped_on_brokers(pytester: pytest.Pytester) -> None:
     _user_project(pytester, test_clock=FAKE_CLOCK)
-    _run(pytester, "strict").assert_outcomes(passed=3)
+    _run(pytester, "strict").assert_outcomes(passed=4)
     result = _run(pytester, "strict", "-ra", "--jobs-backend=redis", "-k", "memory_only")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*jobs_clock drives the in-memory backend only, not redis://*"])

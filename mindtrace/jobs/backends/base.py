@@ -41,7 +41,13 @@ from mindtrace.jobs.errors import (
 from mindtrace.jobs.lifecycle import StateUpdate
 
 if TYPE_CHECKING:
+    from mindtrace.jobs.schedules import ScheduleStore
     from mindtrace.jobs.state.base import StateStore
+
+#: How a backend's schedule store makes each fire happen once (``Capabilities.schedules``): "atomic" (a
+#: compare-and-set of the cursor with the publish, in one step, in any number of processes), "leader" (one
+#: process at a time fires, holding a lease the broker ends with its connection) or "none".
+ScheduleMode = Literal["atomic", "leader", "none"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,10 @@ class Capabilities:
     - ``job_records``: the backend has a job-state store of its own (``state_store()``), so an orchestrator over
       it keeps job records (status, results, cancel) by default. False: handles cannot be followed (their
       methods raise UsageError saying so) unless the orchestrator is given another store.
+    - ``schedules``: how the backend's schedule store makes each fire of a schedule happen once, whatever the
+      number of processes running schedules (see :data:`mindtrace.jobs.schedules.ScheduleMode`): "atomic"
+      (a compare-and-set of the schedule's cursor and the publish in one step), "leader" (only the holder of
+      a broker-held lease fires) or "none" (no schedules: ``schedule()`` raises UsageError).
     """
 
     lease_timeout: float | None
@@ -118,6 +128,7 @@ class Capabilities:
     unique_job_ids: bool
     job_records: bool
     queue_counts: frozenset[QueueCount] = frozenset({"ready"})
+    schedules: ScheduleMode = "none"
 
 
 @dataclass(frozen=True)
@@ -326,6 +337,10 @@ class Backend(abc.ABC):
             f"{type(self).__name__} keeps no job records yet (capabilities.job_records is False): job status, "
             'results and cancellation need a state store: give the orchestrator one, e.g. state="redis://host:6379/0"'
         )
+
+    def schedule_store(self) -> ScheduleStore:
+        """This backend's schedule store (made once; see :mod:`mindtrace.jobs.schedules`)."""
+        raise UsageError(f"{type(self).__name__} cannot run schedules (capabilities.schedules is 'none')")
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Backend:

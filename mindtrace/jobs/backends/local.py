@@ -8,7 +8,7 @@ import itertools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mindtrace.jobs.backends.base import (
     PRIORITY_LEVELS,
@@ -26,6 +26,9 @@ from mindtrace.jobs.constants import MAX_PAYLOAD_BYTES
 from mindtrace.jobs.errors import ConfigurationError, QueueConflictError, QueueNotFoundError
 from mindtrace.jobs.lifecycle import StateUpdate
 from mindtrace.jobs.state.memory import MemoryStateStore
+
+if TYPE_CHECKING:
+    from mindtrace.jobs.schedules import MemoryScheduleStore
 
 # Heap entries sort by (-priority, sequence): higher priority first, FIFO among equals (a sequence number is
 # never repeated, so the body and id are never compared). The id is the job id the entry holds in its queue,
@@ -120,6 +123,7 @@ class LocalClient(Backend):
         unique_job_ids=True,  # each queue keeps the set of job ids it holds
         job_records=True,  # MemoryStateStore, written inside each publish and settle
         queue_counts=frozenset({"ready", "running", "delayed", "dead_lettered"}),
+        schedules="atomic",  # one process: the cursor's compare-and-set and the publish run on one loop
     )
 
     def __init__(self, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES, clock: Clock | None = None) -> None:
@@ -132,10 +136,19 @@ class LocalClient(Backend):
         self._queues: dict[str, _Queue] = {}
         self._sequence = itertools.count()
         self._state = MemoryStateStore(self)
+        self._schedules: MemoryScheduleStore | None = None
 
     def state_store(self) -> MemoryStateStore:
         """This client's job records: in-process, written inside each publish and settle."""
         return self._state
+
+    def schedule_store(self) -> MemoryScheduleStore:
+        """This client's schedules: in-process, on its clock."""
+        if self._schedules is None:
+            from mindtrace.jobs.schedules import MemoryScheduleStore
+
+            self._schedules = MemoryScheduleStore(self.clock)
+        return self._schedules
 
     def _record(self, queue: str, state: StateUpdate | None) -> None:
         if state is not None:

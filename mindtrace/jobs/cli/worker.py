@@ -49,6 +49,7 @@ ENVIRONMENT = {
     "log_format": "MINDTRACE_JOBS_LOG_FORMAT",
     "metrics_port": "MINDTRACE_JOBS_METRICS_PORT",
     "metrics_host": "MINDTRACE_JOBS_METRICS_HOST",
+    "no_schedules": "MINDTRACE_JOBS_NO_SCHEDULES",
 }
 
 # Seconds a parent gives its children beyond the shutdown timeout before it kills them; between health probes.
@@ -72,6 +73,8 @@ class WorkerConfig:
     metrics_child: bool = False
     #: A child's parent process id: the child shuts down when its parent is gone.
     parent_pid: int | None = None
+    #: Fire the broker's schedules in this worker (any number of workers may: each fire happens once).
+    schedules: bool = True
 
 
 def register(subparsers: Any) -> None:
@@ -99,6 +102,12 @@ def register(subparsers: Any) -> None:
         "--metrics-port", help="serve /metrics and /healthz on this port (env MINDTRACE_JOBS_METRICS_PORT)"
     )
     parser.add_argument("--metrics-host", help="address to serve metrics on (env MINDTRACE_JOBS_METRICS_HOST; 0.0.0.0)")
+    parser.add_argument(
+        "--no-schedules",
+        action="store_true",
+        default=None,
+        help="do not fire the broker's schedules in this worker (env MINDTRACE_JOBS_NO_SCHEDULES=1; they run)",
+    )
     parser.set_defaults(func=main)
 
 
@@ -162,6 +171,11 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Work
     if log_format not in LOG_FORMATS:
         raise ConfigurationError(f"{format_source} must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
     metrics_host, _ = pick("metrics_host")
+    no_schedules, schedules_source = pick("no_schedules")
+    flag = str(no_schedules).lower()  # the flag gives True, the environment a string
+    if no_schedules is not None and flag not in ("0", "1", "true", "false", "yes", "no"):
+        raise ConfigurationError(f"{schedules_source} must be 1 or 0, not {no_schedules!r}")
+    schedules = flag not in ("1", "true", "yes")
     port = number("metrics_port", int, None, 0)
     if port is not None and port > 65535:
         raise ConfigurationError(f"metrics port must be 0..65535, not {port}")
@@ -175,6 +189,7 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Work
         log_format=log_format,
         metrics_port=port,
         metrics_host=metrics_host or "0.0.0.0",
+        schedules=schedules,
     )
 
 
@@ -325,6 +340,8 @@ async def _consume(
         logger.info("worker stopped before it started consuming")
         return EXIT_OK
     helpers: list[asyncio.Task[None]] = []
+    if config.schedules and orchestrator.backend.capabilities.schedules != "none":
+        helpers.append(asyncio.create_task(orchestrator.run_schedules()))
     if config.parent_pid is not None:
         helpers.append(asyncio.create_task(_watch_parent(config.parent_pid, request)))
     server = None
@@ -337,12 +354,13 @@ async def _consume(
             health=lambda: broker_ok[0] and all(consumer.consuming for consumer in consumers),
         )
     logger.info(
-        "worker %d consuming %s on %s (concurrency %d, shutdown timeout %gs)",
+        "worker %d consuming %s on %s (concurrency %d, shutdown timeout %gs, schedules %s)",
         os.getpid(),
         ", ".join(repr(consumer.queue_name) for consumer in consumers),
         where,
         config.concurrency,
         config.shutdown_timeout,
+        "on" if config.schedules else "off",
     )
     try:
         await run_until_signalled(

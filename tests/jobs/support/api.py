@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from mindtrace.jobs import AsyncConsumer, AsyncOrchestrator, Consumer, Job, Orchestrator
@@ -82,6 +83,22 @@ class Api:
     def store(self) -> StateStore:
         """The state store of this API's orchestrator (for its capabilities, and to follow a record)."""
         raise NotImplementedError
+
+    @property
+    def aio(self) -> AsyncOrchestrator:
+        """The async orchestrator underneath (itself for the async API)."""
+        return getattr(self.orchestrator, "aio", self.orchestrator)  # type: ignore[no-any-return]
+
+    @contextlib.asynccontextmanager
+    async def scheduler(self, refresh: float = 0.5) -> AsyncIterator[None]:
+        """Run this orchestrator's ``run_schedules`` (where its backend lives) while the block runs."""
+        task = asyncio.ensure_future(self.run_on_loop(self.aio.run_schedules(refresh=refresh)))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def job(self, job_id: str, queue: str) -> Any:
         """The orchestrator's handle on ``job_id`` of ``queue`` (no I/O)."""
@@ -207,6 +224,18 @@ class SyncApi(Api):
     @property
     def store(self) -> StateStore:
         return self.orchestrator.aio.state  # type: ignore[no-any-return]
+
+    @contextlib.asynccontextmanager
+    async def scheduler(self, refresh: float = 0.5) -> AsyncIterator[None]:
+        from mindtrace.jobs._loop_thread import get_loop_thread
+
+        running = asyncio.run_coroutine_threadsafe(self.aio.run_schedules(refresh=refresh), get_loop_thread().loop)
+        try:
+            yield
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError, concurrent.futures.CancelledError):
+                await asyncio.wrap_future(running)
 
     async def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.to_thread(getattr(self.orchestrator, name), *args, **kwargs)

@@ -59,6 +59,7 @@ from mindtrace.jobs.lifecycle import StateUpdate
 from mindtrace.jobs.wire import peek_job_id
 
 if TYPE_CHECKING:
+    from mindtrace.jobs.backends.redis.schedules import RedisScheduleStore
     from mindtrace.jobs.state.redis import RedisStateStore
 
 logger = logging.getLogger("mindtrace.jobs")
@@ -146,6 +147,7 @@ class RedisClient(Backend):
             can_list_queues=True,
             shared_queues=True,
             unique_job_ids=True,  # publish.lua queues a job id only if the queue holds no body under it
+            schedules="atomic",  # fire.lua: the cursor's compare-and-set and the publish in one script
             job_records=True,  # RedisStateStore, on the same server
             queue_counts=frozenset({"ready", "running", "delayed", "dead_lettered"}),  # consumers: not tracked
         )
@@ -170,6 +172,7 @@ class RedisClient(Backend):
         # Per queue: tokens of claims whose answer was lost; the next claim adopts what they hold.
         self._doubtful: dict[str, dict[str, int]] = {}
         self._state: RedisStateStore | None = None
+        self._schedules: RedisScheduleStore | None = None
 
     def state_store(self) -> RedisStateStore:
         """This client's job records: a RedisStateStore on the same server, with its own connections, written by
@@ -179,6 +182,14 @@ class RedisClient(Backend):
 
             self._state = RedisStateStore(self.new_connection(), key_prefix=self.key_prefix, owner=self)
         return self._state
+
+    def schedule_store(self) -> RedisScheduleStore:
+        """This client's schedules: a RedisScheduleStore on the same server and connection (made once)."""
+        if self._schedules is None:
+            from mindtrace.jobs.backends.redis.schedules import RedisScheduleStore
+
+            self._schedules = RedisScheduleStore(self)
+        return self._schedules
 
     def new_connection(self) -> RedisConnection:
         """A new, unopened RedisConnection to this client's server, with its options (for a state store)."""
@@ -341,27 +352,32 @@ class RedisClient(Backend):
         held = await self._publish_many(queue, [message])
         return None if held is None else held[0]
 
-    async def _publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> list[str] | None:
+    def publish_call(self, queue: str, chunk: Sequence[OutgoingMessage]) -> tuple[list[Any], list[Any]]:
+        """publish.lua's keys and arguments for ``chunk``: with this client's records when every message carries
+        its QUEUED record (the orchestrator gives all of them one, or none)."""
         keys = self._keys(queue)
         base_keys = [keys.meta, keys.sequence, keys.ready, keys.bodies, keys.wake, keys.delayed, keys.ranks]
+        store = self._state if all(message.state is not None for message in chunk) else None
+        if store is None:
+            return base_keys, [value for m in chunk for value in (m.priority, m.job_id, m.body, _ms(m.delay))]
+        script_keys = [*base_keys, store.index_key(queue), *(store.record_key(queue, m.job_id) for m in chunk)]
+        args = [
+            value
+            for m in chunk
+            for value in (
+                *(m.priority, m.job_id, m.body, _ms(m.delay)),
+                *store.record_args(queue, cast(StateUpdate, m.state)),
+                *store.unique_args(queue, cast(StateUpdate, m.state)),
+            )
+        ]
+        return script_keys, args
+
+    async def _publish_many(self, queue: str, messages: Sequence[OutgoingMessage]) -> list[str] | None:
         chunks = [messages[i : i + _PUBLISH_CHUNK] for i in range(0, len(messages), _PUBLISH_CHUNK)]
-        # The orchestrator gives every message its QUEUED record, or none: written by the script (own store).
         store = self._state if all(message.state is not None for message in messages) else None
 
         def call(chunk: Sequence[OutgoingMessage]) -> tuple[list[Any], list[Any]]:
-            if store is None:
-                return base_keys, [value for m in chunk for value in (m.priority, m.job_id, m.body, _ms(m.delay))]
-            script_keys = [*base_keys, store.index_key(queue), *(store.record_key(queue, m.job_id) for m in chunk)]
-            args = [
-                value
-                for m in chunk
-                for value in (
-                    *(m.priority, m.job_id, m.body, _ms(m.delay)),
-                    *store.record_args(queue, cast(StateUpdate, m.state)),
-                    *store.unique_args(queue, cast(StateUpdate, m.state)),
-                )
-            ]
-            return script_keys, args
+            return self.publish_call(queue, chunk)
 
         if len(chunks) == 1:
             queued = [await self._connection.run("publish", *call(chunks[0]))]

@@ -45,6 +45,7 @@ _T = TypeVar("_T")
 _RETRY_BASE, _RETRY_CAP = 0.1, 2.0
 
 _SCRIPTS = (
+    "schedule_cursor",
     "declare",
     "publish",
     "claim",
@@ -108,7 +109,11 @@ def _script_sources() -> dict[str, str]:
     """Each transition's Lua source, after the shared definitions of ``lib.lua``."""
     folder = importlib.resources.files("mindtrace.jobs.backends.redis").joinpath("lua")
     lib = folder.joinpath("lib.lua").read_text(encoding="utf-8")
-    return {name: lib + "\n" + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in _SCRIPTS}
+    sources = {name: lib + "\n" + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in _SCRIPTS}
+    # A schedule's fire is a publish behind a compare-and-set of its cursor: fire.lua's header, then publish.lua.
+    header, publish = (folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in ("fire", "publish"))
+    sources["fire"] = "\n".join([lib, header, publish])
+    return sources
 
 
 def check_tls_options(ssl_ca_certs: str | None, ssl_cert_reqs: str) -> None:
