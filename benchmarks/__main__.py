@@ -6,7 +6,8 @@ subprocess, see benchmarks/peers.py); then idle consumer CPU and resident memory
 lifecycle (benchmarks/lifecycle.py: finish -> waiter wakes, status lookups, cancel -> run, drain with and
 without records, Redis memory per retained result). ``--only`` runs some sections: facade, core, peers,
 resources, lifecycle, hooks (the drain with the PrometheusHook beside the hook-free drain), delays (how late
-1,000 delayed jobs with random delays of 0.1-5 s start, per backend). Throughput pairs
+1,000 delayed jobs with random delays of 0.1-5 s start, per backend), schedules (3 scheduler processes fire an
+every=1s schedule for 10 s: fires, repeats, lateness; on RabbitMQ the leader is SIGKILLed). Throughput pairs
 that make a target ratio are measured side by side: ``--rounds``
 interleaved rounds of ``n / rounds`` jobs each, best round kept on both sides, so that a noisy neighbour skews
 both alike; each peer also runs ``--rounds`` times and keeps its best. Prints the table, then every target
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from benchmarks import delays, facade, hooks, lifecycle, ours, peers, raw, resources
+from benchmarks import delays, facade, hooks, lifecycle, ours, peers, raw, resources, schedules
 from benchmarks.harness import Report, best_of, machine, percentile
 from mindtrace.jobs import LocalClient, from_url
 from mindtrace.jobs.backends.base import Backend
@@ -36,7 +37,7 @@ PEER_PUBLISH = "publish single"
 CONCURRENCIES = (1, 16, 128)
 #: The drain each backend is compared with peers at: ours is fastest at 1 in memory; brokers need 16.
 PEER_CONCURRENCY = {"memory": 1, "redis": 16, "rabbitmq": 16}
-SECTIONS = ("facade", "core", "peers", "resources", "lifecycle", "hooks", "delays")
+SECTIONS = ("facade", "core", "peers", "resources", "lifecycle", "hooks", "delays", "schedules")
 RAW_NOTES = {
     "memory": ("PriorityQueue.put", None, "PriorityQueue.get", 1, "put -> get"),
     "redis": ("LPUSH", "pipelined LPUSH", "BRPOP", 1, "LPUSH -> blocked BRPOP"),
@@ -187,6 +188,12 @@ def targets(report: Report) -> list[dict[str, Any]]:
             add(backend, "drain with PrometheusHook / hook-free", ratio, ">=", 0.9)
     for backend in ("memory", "redis", "rabbitmq"):
         add(backend, "delayed start lateness p99, ms", report.get(backend, delays.LATE_P99, "ours"), "<=", 50.0)
+    for backend in ("redis", "rabbitmq"):
+        fired = report.get(backend, schedules.FIRES, "ours")
+        add(backend, "schedule fires in 10 s, at least", fired, ">=", schedules.WINDOW - 1)
+        add(backend, "schedule fires in 10 s, at most", fired, "<=", schedules.WINDOW + 1)
+        add(backend, "schedule fire ids seen twice", report.get(backend, schedules.REPEATS, "ours"), "<=", 0)
+    add("rabbitmq", "gap between fires, leader SIGKILLed, s", report.get("rabbitmq", schedules.GAP, "ours"), "<=", 5.0)
     add(
         "facade",
         "no-op facade call / bare run_coroutine_threadsafe",
@@ -291,6 +298,8 @@ def main() -> None:
             hooks.measure(report, name, factory, max(1, args.n // args.rounds), args.rounds, PEER_CONCURRENCY[name])
         if "delays" in only and args.delay_n > 0:
             delays.measure(report, name, factory, args.delay_n)
+        if "schedules" in only and name != "memory":  # the schedulers are other processes: brokers only
+            schedules.measure(report, name, url)
         if "resources" in only and name == "memory" and args.rss_n > 0:
             resources.memory_per_100k(report, args.rss_n)
     if "resources" in only and args.idle_seconds > 0 and reachable:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -417,6 +418,8 @@ class Scheduler:
         while True:
             try:
                 async with self.store.leadership() as lost:
+                    if self.store.mode == "leader":
+                        logger.info("schedules: process %d leads the schedules (it alone fires them)", os.getpid())
                     while not lost.is_set():
                         _raise_if_cancelling()
                         wake_ms = await self.step()

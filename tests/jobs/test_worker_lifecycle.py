@@ -210,6 +210,22 @@ def test_flag_beats_environment_beats_default_and_bad_values_name_their_source()
         resolve_config(argparse.Namespace(targets=["m:C"], url="memory://"), {})
 
 
+def test_schedules_run_in_a_worker_unless_the_flag_or_the_environment_says_no() -> None:
+    url = {"MINDTRACE_JOBS_URL": "redis://h:6379/0"}
+    assert resolve_config(argparse.Namespace(targets=["m:C"]), url).schedules is True
+    assert resolve_config(argparse.Namespace(targets=["m:C"], no_schedules=True), url).schedules is False
+    assert (
+        resolve_config(argparse.Namespace(targets=["m:C"]), {**url, "MINDTRACE_JOBS_NO_SCHEDULES": "1"}).schedules
+        is False
+    )
+    assert (
+        resolve_config(argparse.Namespace(targets=["m:C"]), {**url, "MINDTRACE_JOBS_NO_SCHEDULES": "0"}).schedules
+        is True
+    )
+    with pytest.raises(ConfigurationError, match="MINDTRACE_JOBS_NO_SCHEDULES"):
+        resolve_config(argparse.Namespace(targets=["m:C"]), {**url, "MINDTRACE_JOBS_NO_SCHEDULES": "maybe"})
+
+
 def test_mask_url_hides_only_the_password() -> None:
     assert mask_url("amqp://guest:s3cret@host:5672/vh") == "amqp://guest:***@host:5672/vh"
     assert mask_url("redis://:s3cret@host/0") == "redis://:***@host/0"
