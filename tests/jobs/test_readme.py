@@ -21,7 +21,7 @@ def _body(path: Path) -> str:
     return "\n".join(lines[2:]).strip()
 
 
-@pytest.mark.parametrize("name", ["quickstart", "async_quickstart", "lifecycle", "scheduling"])
+@pytest.mark.parametrize("name", ["quickstart", "async_quickstart", "lifecycle", "scheduling", "schedules"])
 def test_readme_shows_the_example_and_it_runs(name: str) -> None:
     readme = (ROOT / "README.md").read_text()
     assert _body(EXAMPLES / f"{name}.py") in readme
@@ -35,6 +35,7 @@ def test_readme_shows_the_example_and_it_runs(name: str) -> None:
         "async_quickstart": "resizing /img/2.png",
         "lifecycle": "s3://bucket",
         "scheduling": "SUCCEEDED JobStatus.CANCELLED",
+        "schedules": "unscheduled: True",
     }
     assert expected[name] in result.stdout
 

@@ -58,6 +58,7 @@ from mindtrace.jobs.errors import (
 from mindtrace.jobs.lifecycle import StateUpdate
 
 if TYPE_CHECKING:
+    from mindtrace.jobs.backends.rabbitmq.schedules import RabbitMQScheduleStore
     from mindtrace.jobs.state.rabbitmq import RabbitMQStateStore
 
 logger = logging.getLogger("mindtrace.jobs")
@@ -127,6 +128,8 @@ class RabbitMQClient(Backend):
         unique_job_ids=False,
         job_records=True,  # RabbitMQStateStore: a stream per queue on the same broker
         queue_counts=frozenset({"ready", "dead_lettered", "consumers"}),
+        # RabbitMQScheduleStore: one process fires, the holder of an exclusive queue; schedules on a stream.
+        schedules="leader",
     )
 
     def __init__(
@@ -195,6 +198,7 @@ class RabbitMQClient(Backend):
         self._receivers: set[_RabbitMQReceiver] = set()
         self._late_returns: set[asyncio.Task[Any]] = set()
         self._state: RabbitMQStateStore | None = None
+        self._schedules: RabbitMQScheduleStore | None = None
         self._registry_lock: asyncio.Lock | None = None
 
     def state_store(self) -> RabbitMQStateStore:
@@ -215,6 +219,26 @@ class RabbitMQClient(Backend):
             )
             self._state = RabbitMQStateStore(channels)
         return self._state
+
+    def schedule_store(self) -> RabbitMQScheduleStore:
+        """This client's schedules: a RabbitMQScheduleStore on the same broker, with its own connections (made
+        once, closed with the client)."""
+        if self._schedules is None:
+            from mindtrace.jobs.backends.rabbitmq.schedules import RabbitMQScheduleStore
+
+            channels = _Channels(
+                endpoint=self.endpoint,
+                password=self._password,
+                ssl_context=self._ssl_context,
+                heartbeat=self.heartbeat,
+                connect_timeout=self.connect_timeout,
+                operation_timeout=self.operation_timeout,
+                reconnect_interval=self.reconnect_interval,
+                is_closed=lambda: self._schedules is not None and self._schedules.closed,
+                name="mindtrace.jobs schedules",
+            )
+            self._schedules = RabbitMQScheduleStore(channels)
+        return self._schedules
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RabbitMQClient:
@@ -247,6 +271,14 @@ class RabbitMQClient(Backend):
 
     async def _connect(self) -> None:
         await self._channels.connect()
+
+    async def close(self) -> None:
+        """Close connections (see :meth:`Backend.close`), and the schedule store if one was made. Idempotent."""
+        try:
+            await super().close()
+        finally:
+            if self._schedules is not None:
+                await self._schedules.close()
 
     async def _close(self) -> None:
         await self._give_back_on_close()

@@ -1,7 +1,8 @@
 -- fire.lua: one fire of a schedule: move its cursor from the expected fire time and queue the fire's job, in one
 -- atomic step (after lib.lua; publish.lua's body follows this header when the script is loaded).
 --
--- KEYS: publish.lua's keys, then the queue's schedule cursors (hash: schedule name -> last fire time handled, ms).
+-- KEYS[1] .. KEYS[n - 1]: publish.lua's keys (KEYS[1] the queue's meta), KEYS[n] the queue's schedule cursors
+-- (hash: schedule name -> last fire time handled, ms).
 -- ARGV: publish.lua's arguments for one message, then the schedule's name, the expected cursor and the new one.
 -- Returns -2 when the cursor is not the expected one (another process fired this time, or the schedule is gone:
 -- nothing is queued), -1 when the queue does not exist (nor is the cursor moved), else publish.lua's answer.
