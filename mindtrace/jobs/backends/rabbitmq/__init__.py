@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import ssl as _ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import aio_pika
@@ -206,16 +206,8 @@ class RabbitMQClient(Backend):
         if self._state is None:
             from mindtrace.jobs.state.rabbitmq import RabbitMQStateStore
 
-            channels = _Channels(
-                endpoint=self.endpoint,
-                password=self._password,
-                ssl_context=self._ssl_context,
-                heartbeat=self.heartbeat,
-                connect_timeout=self.connect_timeout,
-                operation_timeout=self.operation_timeout,
-                reconnect_interval=self.reconnect_interval,
-                is_closed=lambda: self._state is not None and self._state._closed,
-                name="mindtrace.jobs records",
+            channels = self._own_channels(
+                "mindtrace.jobs records", lambda: self._state is not None and self._state._closed
             )
             self._state = RabbitMQStateStore(channels)
         return self._state
@@ -226,19 +218,25 @@ class RabbitMQClient(Backend):
         if self._schedules is None:
             from mindtrace.jobs.backends.rabbitmq.schedules import RabbitMQScheduleStore
 
-            channels = _Channels(
-                endpoint=self.endpoint,
-                password=self._password,
-                ssl_context=self._ssl_context,
-                heartbeat=self.heartbeat,
-                connect_timeout=self.connect_timeout,
-                operation_timeout=self.operation_timeout,
-                reconnect_interval=self.reconnect_interval,
-                is_closed=lambda: self._schedules is not None and self._schedules.closed,
-                name="mindtrace.jobs schedules",
+            channels = self._own_channels(
+                "mindtrace.jobs schedules", lambda: self._schedules is not None and self._schedules.closed
             )
             self._schedules = RabbitMQScheduleStore(channels)
         return self._schedules
+
+    def _own_channels(self, name: str, is_closed: Callable[[], bool]) -> _Channels:
+        """Connections of their own for a store of this client (records, schedules), with this client's options."""
+        return _Channels(
+            endpoint=self.endpoint,
+            password=self._password,
+            ssl_context=self._ssl_context,
+            heartbeat=self.heartbeat,
+            connect_timeout=self.connect_timeout,
+            operation_timeout=self.operation_timeout,
+            reconnect_interval=self.reconnect_interval,
+            is_closed=is_closed,
+            name=name,
+        )
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RabbitMQClient:
