@@ -143,7 +143,8 @@ class AsyncOrchestrator:
         # loses them (a Redis restart without persistence); a cache, so checked again on QueueNotFoundError.
         self._known_queues: dict[str, QueueOptions] = {}
         self._consumers: weakref.WeakSet[AsyncConsumer] = weakref.WeakSet()
-        self._schedulers: set[asyncio.Task[Any]] = set()  # the tasks running run_schedules here: close() ends them
+        # The tasks running run_schedules here, with their loops: stop_schedules() (and close()) ends them.
+        self._schedulers: dict[asyncio.Task[Any], Scheduler] = {}
         self._closed = False
         #: The hooks called around publishes, runs and settles, here and in the consumers connected here.
         self.hooks: tuple[Hook, ...] = check_hooks(hooks)
@@ -808,13 +809,23 @@ class AsyncOrchestrator:
         if not refresh > 0:
             raise ConfigurationError(f"refresh must be a number of seconds > 0, not {refresh!r}")
         task = asyncio.current_task()
+        scheduler = Scheduler(self, self.schedule_store, refresh)
         if task is not None:
-            self._schedulers.add(task)
+            self._schedulers[task] = scheduler
         try:
-            await Scheduler(self, self.schedule_store, refresh).run()
+            await scheduler.run()
         finally:
             if task is not None:
-                self._schedulers.discard(task)
+                self._schedulers.pop(task, None)
+
+    async def stop_schedules(self) -> None:
+        """End this orchestrator's running ``run_schedules`` calls (each raises CancelledError in its task) and
+        wait for them. ``close()`` does this first."""
+        running = list(self._schedulers.items())
+        for task, scheduler in running:
+            scheduler.stop()  # ends the loop even if a driver swallows the cancel (asyncio.wait_for before 3.12)
+            task.cancel()
+        await asyncio.gather(*(task for task, _ in running), return_exceptions=True)
 
     async def fire(self, store: ScheduleStore, spec: ScheduleSpec, expected_ms: int, cursor_ms: int, job: Job) -> bool:
         """Publish one fire of a schedule: ``job`` on ``spec.queue`` if the schedule's cursor moves from
@@ -855,10 +866,7 @@ class AsyncOrchestrator:
         if self._closed:
             return
         self._closed = True
-        schedulers = list(self._schedulers)
-        for task in schedulers:
-            task.cancel()
-        await asyncio.gather(*schedulers, return_exceptions=True)
+        await self.stop_schedules()
         consumers = [consumer for consumer in self._consumers if consumer.consuming]
         if consumers:
             results = await asyncio.gather(*(consumer.shutdown(grace) for consumer in consumers))

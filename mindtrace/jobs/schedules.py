@@ -408,7 +408,18 @@ class Scheduler:
         self.store = store
         self.refresh = refresh
         self.fired = 0
+        #: Set by ``stop()``: the loop ends at its next step even if the cancel that came with it was lost.
+        self.stopped = False
         self._missing: set[str] = set()
+
+    def stop(self) -> None:
+        """Ask the loop to end (its task is cancelled too, by whoever calls this)."""
+        self.stopped = True
+
+    def _check_stop(self) -> None:
+        if self.stopped:
+            raise asyncio.CancelledError
+        _raise_if_cancelling()
 
     async def run(self) -> None:
         """Fire due schedules until cancelled, holding the store's leadership while firing. A broker error (the
@@ -421,12 +432,13 @@ class Scheduler:
                     if self.store.mode == "leader":
                         logger.info("schedules: process %d leads the schedules (it alone fires them)", os.getpid())
                     while not lost.is_set():
-                        _raise_if_cancelling()
+                        self._check_stop()
                         wake_ms = await self.step()
                         backoff = _BACKOFF_FIRST
-                        _raise_if_cancelling()
+                        self._check_stop()
                         await self._sleep(wake_ms, lost)
             except BackendError as exc:
+                self._check_stop()
                 logger.warning("schedules: %s; trying again in %.1f s", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_CAP)

@@ -271,6 +271,11 @@ class Orchestrator:
         """See :meth:`AsyncOrchestrator.run_schedules`: blocks, firing schedules, until Ctrl-C."""
         return self._thread.run(self.aio.run_schedules(refresh=refresh), "Orchestrator")
 
+    def stop_schedules(self) -> None:
+        """See :meth:`AsyncOrchestrator.stop_schedules` (a blocked ``run_schedules`` in another thread then
+        raises CancelledError)."""
+        return self._thread.run(self.aio.stop_schedules(), "Orchestrator")
+
     def close(self, grace: float = CLOSE_GRACE) -> None:
         """See :meth:`AsyncOrchestrator.close`."""
         return self._thread.run(self.aio.close(grace), "Orchestrator")

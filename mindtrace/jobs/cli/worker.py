@@ -340,7 +340,8 @@ async def _consume(
         logger.info("worker stopped before it started consuming")
         return EXIT_OK
     helpers: list[asyncio.Task[None]] = []
-    if config.schedules and orchestrator.backend.capabilities.schedules != "none":
+    schedules = config.schedules and orchestrator.backend.capabilities.schedules != "none"
+    if schedules:
         helpers.append(asyncio.create_task(orchestrator.run_schedules()))
     if config.parent_pid is not None:
         helpers.append(asyncio.create_task(_watch_parent(config.parent_pid, request)))
@@ -367,6 +368,8 @@ async def _consume(
             consumers, concurrency=config.concurrency, shutdown_timeout=config.shutdown_timeout, request=request
         )
     finally:
+        if schedules:
+            await orchestrator.stop_schedules()
         for helper in helpers:
             helper.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)

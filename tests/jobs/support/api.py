@@ -96,7 +96,8 @@ class Api:
         try:
             yield
         finally:
-            task.cancel()
+            await self.aio.stop_schedules()
+            task.cancel()  # not started yet: never registered
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
@@ -233,7 +234,8 @@ class SyncApi(Api):
         try:
             yield
         finally:
-            running.cancel()
+            await asyncio.to_thread(self.orchestrator.stop_schedules)
+            running.cancel()  # not started yet: never registered
             with contextlib.suppress(asyncio.CancelledError, concurrent.futures.CancelledError):
                 await asyncio.wrap_future(running)
 
