@@ -11,12 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 
 import pytest
 
-from mindtrace.jobs import Job, JobInput, JobValidationError, QueueNotFoundError
+from mindtrace.jobs import (
+    Job,
+    JobInput,
+    JobValidationError,
+    LocalClient,
+    QueueNotFoundError,
+    RabbitMQClient,
+    RedisClient,
+)
 from mindtrace.jobs.backends.base import Backend
 from mindtrace.jobs.schedules import ScheduleInfo, fire_id
 from tests.jobs.conformance.models import image_schema, make_job
@@ -47,12 +56,6 @@ async def _drain(api: Api, queue: str) -> list[Job]:
     while (job := await api.receive_message(queue, timeout=0.2)) is not None:
         jobs.append(job)
     return jobs
-
-
-async def _until_phase(api: Api, period: float, phase: float) -> None:
-    """Sleep until the backend's clock is ``phase`` seconds past a multiple of ``period``."""
-    now = await api.run_on_loop(api.aio.schedule_store.now_ms()) / 1000
-    await asyncio.sleep((phase - now % period) % period)
 
 
 def test_every_backend_says_how_it_keeps_fires_single(backend_factory: Callable[[], Backend]) -> None:
@@ -125,27 +128,71 @@ async def test_an_unscheduled_schedule_fires_no_more(api: Api, queue: str, sched
         assert await api.count_queue_messages(queue) <= fired + 1  # at most one fire already under way
 
 
+@pytest.fixture
+def private_schedules(backend_name: str, request: pytest.FixtureRequest) -> Iterator[Callable[[], Backend]]:
+    """Backends of the kind under test whose schedules no other process sees (no scheduler but the test's own
+    fires them): a Redis key prefix, a RabbitMQ schedules namespace of the test's own; a LocalClient is private."""
+    broker, tag = backend_name.split("+", 1)[0], uuid.uuid4().hex[:10]
+    if broker == "memory":
+        yield LocalClient
+        return
+    if broker == "redis":
+        redis_url = str(request.getfixturevalue("redis_url"))
+        yield lambda: RedisClient.from_url(redis_url, key_prefix=f"mindtrace-test-{tag}:")
+        return
+    amqp_url = str(request.getfixturevalue("amqp_url"))
+    namespace = f"mindtrace-test-{tag}"
+    yield lambda: RabbitMQClient.from_url(amqp_url, schedules_namespace=namespace)
+    asyncio.run(_delete_queues(amqp_url, [f"{namespace}:schedules"]))
+
+
+async def _delete_queues(amqp_url: str, names: list[str]) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        for name in names:
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(name)
+
+
+async def _until_phase(api: Api, period: float, phase: float) -> None:
+    """Sleep until the backend's clock is ``phase`` seconds past a multiple of ``period``."""
+    now = await api.run_on_loop(api.aio.schedule_store.now_ms()) / 1000
+    await asyncio.sleep((phase - now % period) % period)
+
+
 @pytest.mark.parametrize("misfire", ["coalesce", "skip"])
 async def test_missed_fires_coalesce_into_one_or_are_skipped_past_their_grace(
-    api: Api, queue: str, schedule_name: str, misfire: str
+    api: Api, queue: str, misfire: str, private_schedules: Callable[[], Backend]
 ) -> None:
     """No scheduler runs for two fire times; then one starts about a second after the last of them: with
     "coalesce" those fires run once, late (one job, not two); with "skip" and a grace of 0.3 s, not at all."""
-    schema = image_schema(queue)
-    await api.register(schema)
-    await api.declare_queue(queue)
-    period = 2.0
-    await _until_phase(api, period, 0.2)
-    grace = 0.3 if misfire == "skip" else None
-    await api.schedule(schedule_name, queue, make_job(schema), every=period, misfire=misfire, grace=grace)
-    await asyncio.sleep(4.8)  # fire times pass at +1.8 and +3.8 with no scheduler; now about 1 s after the last
-    resumed = time.time()
-    async with api.scheduler():
-        await asyncio.sleep(0.5)
-    jobs = await _drain(api, queue)
-    missed = [job.id for job in jobs if job.created_at.timestamp() < resumed]  # a fire's job is made at its time
-    assert len(missed) == (1 if misfire == "coalesce" else 0), [job.id for job in jobs]
-    assert [info.last_fire is not None for info in await _mine(api, schedule_name)] == [True]
+    private = api.sibling(private_schedules())
+    name = f"sched-{queue}"
+    try:
+        schema = image_schema(queue)
+        await private.register(schema)
+        await private.declare_queue(queue)
+        period = 2.0
+        await _until_phase(private, period, 0.2)
+        grace = 0.3 if misfire == "skip" else None
+        await private.schedule(name, queue, make_job(schema), every=period, misfire=misfire, grace=grace)
+        await asyncio.sleep(4.8)  # fire times pass at +1.8 and +3.8 with no scheduler; now about 1 s after the last
+        resumed = time.time()
+        async with private.scheduler():
+            await asyncio.sleep(0.5)
+        jobs = await _drain(private, queue)
+        missed = [job.id for job in jobs if job.created_at.timestamp() < resumed]  # a fire's job is made at its time
+        assert len(missed) == (1 if misfire == "coalesce" else 0), [job.id for job in jobs]
+        assert [info.last_fire is not None for info in await _mine(private, name)] == [True]
+    finally:
+        with contextlib.suppress(Exception):
+            await private.unschedule(name)
+        with contextlib.suppress(Exception):
+            await private.delete_queue(queue)
+        await private.close()
 
 
 async def test_bad_schedules_are_refused_naming_the_field_and_store_nothing(
