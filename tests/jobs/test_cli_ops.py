@@ -268,6 +268,36 @@ def test_dead_letters_peek_leaves_them_and_requeue_moves_them(
         assert document["dead_letters"] == []
 
 
+def test_schedules_lists_each_schedule_and_removes_one(
+    side: _Side, url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    queue = side.queue()
+    name = f"nightly-{queue}"
+    schema = image_schema(queue)
+    side.run(side.orchestrator.declare_queue(queue))
+    side.run(side.orchestrator.schedule(name, queue, make_job(schema), cron="0 3 * * *", tz="Europe/Berlin"))
+    try:
+        code, document = _json(capsys, "schedules", "--url", url)
+        assert code == EXIT_OK
+        (row,) = [row for row in document["schedules"] if row["name"] == name]
+        assert (row["queue"], row["when"], row["misfire"], row["last_fire"]) == (
+            queue,
+            "0 3 * * * (Europe/Berlin)",
+            "coalesce",
+            None,
+        )
+        assert row["next_fire"].endswith(("T02:00:00+00:00", "T01:00:00+00:00"))  # 03:00 in Berlin
+        code, out, _ = _cli(capsys, "schedules", "--url", url)
+        assert code == EXIT_OK and name in out and "Europe/Berlin" in out
+        code, document = _json(capsys, "schedules", "--remove", name, "--url", url)
+        assert (code, document) == (EXIT_OK, {"removed": name})
+        code, document = _json(capsys, "schedules", "--remove", name, "--url", url)
+        assert (code, document) == (EXIT_FAILED, {"removed": None})
+        assert name not in [info.name for info in side.run(side.orchestrator.schedules())]
+    finally:
+        side.run(side.orchestrator.unschedule(name))
+
+
 # -- bad input -----------------------------------------------------------------------------------------
 
 

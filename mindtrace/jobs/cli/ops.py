@@ -284,6 +284,26 @@ def _with_tables(args: argparse.Namespace, body: Callable[[AsyncOrchestrator], A
 # -- check ---------------------------------------------------------------------------------------------
 
 
+def _schedules(args: argparse.Namespace) -> int:
+    async def body(orchestrator: AsyncOrchestrator) -> int:
+        if args.remove is not None:
+            removed = await orchestrator.unschedule(args.remove)
+            if args.json:
+                render.emit_json({"removed": args.remove if removed else None})
+            else:
+                print(f"removed {args.remove}" if removed else f"no schedule named {args.remove}")
+            return EXIT_OK if removed else EXIT_FAILED
+        infos = await orchestrator.schedules()
+        where = orchestrator.backend.describe()
+        if args.json:
+            render.emit_json({"backend": where, "schedules": [render.schedule_row(info) for info in infos]})
+        else:
+            render.console().print(render.schedules_table(infos, where))
+        return EXIT_OK
+
+    return _with_tables(args, body)
+
+
 def _check(args: argparse.Namespace) -> int:
     async def probe() -> tuple[str, float]:
         backend = _backend(args, connect_timeout=CHECK_CONNECT_TIMEOUT)
@@ -367,6 +387,13 @@ def register(subparsers: Any) -> None:
     dead.add_argument("--limit", type=int, metavar="N", help="with --requeue: move at most N")
     _common(dead)
     dead.set_defaults(func=_dead_letters)
+
+    schedules = subparsers.add_parser(
+        "schedules", help="the broker's schedules with their last and next fire times (or --remove NAME)"
+    )
+    schedules.add_argument("--remove", metavar="NAME", help="unschedule NAME (exit 1 if there is none)")
+    _common(schedules)
+    schedules.set_defaults(func=_schedules)
 
     check = subparsers.add_parser(
         "check", help="exit 0 when the broker answers, 69 when unreachable, 77 when it refuses the credentials"

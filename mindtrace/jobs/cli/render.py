@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from mindtrace.jobs.backends.base import QUEUE_COUNTS, QueueStats
 from mindtrace.jobs.errors import MissingDependencyError
 from mindtrace.jobs.lifecycle import JobInfo, Progress
+from mindtrace.jobs.schedules import ScheduleInfo
 from mindtrace.jobs.types import Job
 
 if TYPE_CHECKING:
@@ -156,4 +157,34 @@ def dead_letters_table(queue: str, jobs: Sequence[Job]) -> Table:
         table.add_row(*(escape(str(v)) if v is not None else UNKNOWN for v in dead_letter_row(job).values()))
     if not jobs:
         table.caption = "none"
+    return table
+
+
+def schedule_row(info: ScheduleInfo) -> dict[str, Any]:
+    """One schedule for ``schedules``: name, queue, when (cron and zone, or the interval), misfire policy, grace,
+    last and next fire times."""
+    when = f"{info.cron} ({info.tz})" if info.cron is not None else f"every {info.every}"
+    return {
+        "name": info.name,
+        "queue": info.queue,
+        "when": when,
+        "misfire": info.misfire,
+        "grace": info.grace,
+        "last_fire": None if info.last_fire is None else info.last_fire.isoformat(),
+        "next_fire": info.next_fire.isoformat(),
+    }
+
+
+def schedules_table(infos: Sequence[ScheduleInfo], where: str) -> Table:
+    """The ``schedules`` table: one row per schedule, by name."""
+    require_rich()
+    from rich.table import Table
+
+    table = Table(title=f"schedules on {where}", title_justify="left")
+    for column in ("name", "queue", "when", "misfire", "grace", "last_fire", "next_fire"):
+        table.add_column(column.replace("_", " "), overflow="fold")
+    for info in infos:
+        table.add_row(*(escape(str(v)) if v is not None else UNKNOWN for v in schedule_row(info).values()))
+    if not infos:
+        table.caption = "no schedules"
     return table
