@@ -100,6 +100,7 @@ class StreamFollower:
         self._publish_barrier = publish_barrier if publish_barrier is not None else self.publish
         self._first_backoff = first_backoff
         self._retry_cap = retry_cap
+        #: The consumer's channel and its aiormq channel (None while not subscribed).
         self.channel: AbstractChannel | None = None
         self.underlay: Any = None
         #: The current consumer's tag; None while not subscribed.
