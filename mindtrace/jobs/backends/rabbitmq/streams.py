@@ -59,8 +59,8 @@ class StreamFollower:
 
     Policies where its owners differ are parameters: ``passive_resume`` resubscribes without declaring (a stream
     gone meanwhile calls ``on_gone`` instead), ``replay`` waits after the first subscription until the fold
-    reached a barrier, ``on_resumed`` runs after every resubscription, ``publish_barrier`` publishes a barrier's
-    body (default ``publish``), and ``barrier`` makes a barrier event from its key.
+    reached a barrier of its own, ``on_resumed`` runs after every resubscription, ``publish_barrier`` publishes
+    a barrier's body (default ``publish``), and ``barrier`` makes a barrier event from its key.
     """
 
     def __init__(
@@ -236,7 +236,7 @@ class StreamFollower:
         if self.closed:
             raise self.closed_error()
         if self._replay:
-            await self.sync()
+            await self.barrier()
 
     async def _resume(self) -> None:
         """After a lost channel or consumer: subscribe again after the last event folded until it works (or the
@@ -426,14 +426,22 @@ class StreamFollower:
         else:
             await self.progressing(waiter, what)
 
+    async def barrier(self) -> None:
+        """Publish one barrier event of its own (``publish_barrier``) and return once the fold read it (waiting as
+        ``progressing`` does). ``sync`` shares one among its callers."""
+        key, folded = self.expect()
+        try:
+            await self._publish_barrier(json.dumps(self._barrier(key), separators=(",", ":")).encode())
+            await self.progressing(folded, self._reading)
+        finally:
+            self.forget(key)
+
     async def _send_barrier(self, waiter: asyncio.Future[None]) -> None:
         async with self.sync_lock:
             if self.next_sync is waiter:
                 self.next_sync = None  # callers from now on wait for the next barrier
-            key, folded = self.expect()
             try:
-                await self._publish_barrier(json.dumps(self._barrier(key), separators=(",", ":")).encode())
-                await self.progressing(folded, self._reading)
+                await self.barrier()
             except BaseException as exc:
                 if not waiter.done():
                     if self.closed:
@@ -445,8 +453,6 @@ class StreamFollower:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 return
-            finally:
-                self.forget(key)
             if not waiter.done():
                 waiter.set_result(None)
 
