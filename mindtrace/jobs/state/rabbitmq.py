@@ -6,25 +6,18 @@ import asyncio
 import contextlib
 import functools
 import heapq
-import itertools
 import json
 import logging
 import time
-import uuid
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any
 
-import aiormq
-from aio_pika.abc import AbstractChannel
-from aiormq import spec
-from aiormq.abc import DeliveredMessage
-from aiormq.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity, ChannelPreconditionFailed
+from aiormq.exceptions import ChannelNotFoundEntity
 
-from mindtrace.jobs.backends.rabbitmq.compat import _on_consumer_cancel
+from mindtrace.jobs.backends.rabbitmq.streams import NotReady, StreamFollower, StreamGone
 from mindtrace.jobs.backends.rabbitmq.topology import records_stream_arguments, records_stream_name
 from mindtrace.jobs.constants import AMQP_RECORDS_MAX_AGE, RESULT_TTL
-from mindtrace.jobs.errors import BackendError, BackendUnavailableError, ClosedError
+from mindtrace.jobs.errors import BackendError, ClosedError
 from mindtrace.jobs.lifecycle import CancelOutcome, JobInfo, JobStatus, StateUpdate
 from mindtrace.jobs.state.base import CancelCallback, CancelListener, StateCapabilities, StateStore, Watch, changed
 
@@ -33,27 +26,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("mindtrace.jobs")
 
-_T = TypeVar("_T")
-
-#: Stream messages the broker may push to one store's consumer of a queue before it acks (stream credit).
-_PREFETCH: Final = 1000
-
-#: Acks are sent for several messages at once (``multiple``): at the end of a burst, or after this many.
-_ACK_EVERY: Final = 250
-
-# AMQP reply code of a mandatory message that no queue was bound to receive (the stream was deleted).
-_NO_ROUTE: Final = 312
-
 _RETRY_BASE, _RETRY_CAP = 0.1, 2.0
-
-
-class _StreamGone(Exception):
-    """The queue's stream was deleted under a publish (``forget_queue`` of another process)."""
-
-
-class _NotReady(Exception):
-    """The broker refused to consume the stream for now (just declared: "does not have a replica on the local
-    node" until its member has started)."""
 
 
 @dataclass(eq=False)
@@ -68,18 +41,8 @@ class _Log:
     expiry: list[tuple[float, str]] = field(default_factory=list)
     watches: dict[str, set[asyncio.Event]] = field(default_factory=dict)
     listeners: set[CancelCallback] = field(default_factory=set)
-    channel: AbstractChannel | None = None
-    underlay: Any = None
-    tag: str | None = None
-    offset: int | None = None  # of the last event folded
-    received: int = 0  # events delivered so far (how a wait tells a slow replay from a dead consumer)
-    attaching: asyncio.Future[None] | None = None
-    next_sync: asyncio.Future[None] | None = None
-    sync_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    subscribing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one consumer at a time, never two
-    unacked: int = 0
-    last_tag: int | None = None
-    ack_scheduled: bool = False
+    #: The stream's consumer, folding its events into this log (set by ``RabbitMQStateStore._log_of``).
+    follower: StreamFollower = field(init=False)
 
     def read(self, job_id: str, now: float) -> JobInfo:
         info = self.records.get(job_id)
@@ -120,7 +83,7 @@ class _RabbitMQWatch(Watch):
                     log.watches.setdefault(self._job_id, set()).add(self._changed)
                     self._log = log
                     if await asyncio.wait_for(store._following(self._queue, create=False), limit) is not None:
-                        await asyncio.wait_for(store._sync(log), limit)
+                        await asyncio.wait_for(log.follower.sync(), limit)
                     break
                 except asyncio.TimeoutError:
                     return None
@@ -207,10 +170,6 @@ class RabbitMQStateStore(StateStore):
         self.max_age = max_age
         self.operation_timeout = channels.operation_timeout
         self._logs: dict[str, _Log] = {}
-        self._pending: dict[str, asyncio.Future[Any]] = {}
-        self._tasks: set[asyncio.Future[Any]] = set()
-        self._name = uuid.uuid4().hex[:12]
-        self._serial = itertools.count()
         self._connecting = asyncio.Lock()
         self._closed = False
 
@@ -248,39 +207,14 @@ class RabbitMQStateStore(StateStore):
         if self._closed:
             return
         self._closed = True
-        for future in list(self._pending.values()):
-            if not future.done():
-                future.set_exception(ClosedError(f"the state store {self.describe()} is closed"))
-        self._pending.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for log in self._logs.values():
-            log.channel = log.underlay = log.tag = None
+        logs = list(self._logs.values())
+        for log in logs:
+            log.follower.close()
+        for log in logs:
+            await log.follower.wait_closed()
             log.listeners.clear()
             log.wake_all()  # their next read says the store is closed
         await self._channels.close()
-
-    def _spawn(self, coroutine: Awaitable[_T]) -> asyncio.Future[_T]:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return task
-
-    async def _progressing(self, log: _Log, waited: asyncio.Future[_T], what: str) -> _T:
-        """``waited``'s result, failing only when the queue's consumer received nothing for ``operation_timeout``
-        (a replay of a long stream takes as long as it takes)."""
-        while True:
-            received = log.received
-            try:
-                return await asyncio.wait_for(asyncio.shield(waited), self.operation_timeout)
-            except asyncio.TimeoutError:
-                if log.received == received:
-                    raise self._channels.endpoint.unavailable(
-                        f"{what} of queue {log.queue!r} on {self.describe()}: nothing arrived within "
-                        f"{self.operation_timeout:g}s"
-                    ) from None
 
     # -- following a queue's stream -----------------------------------------------------------------
 
@@ -288,6 +222,25 @@ class RabbitMQStateStore(StateStore):
         log = self._logs.get(queue)
         if log is None:
             log = self._logs[queue] = _Log(queue, records_stream_name(queue))
+            log.follower = StreamFollower(
+                self._channels,
+                log.stream,
+                fold=functools.partial(self._fold, log),
+                arguments=lambda: records_stream_arguments(self.max_age),
+                barrier=lambda key: {"m": "sync", "e": key},
+                label="record stream",
+                owner="the state store",
+                tag_prefix="mindtrace.records.",
+                reading=f"reading back an event of queue {queue!r}",
+                # Resumes never declare: a stream deleted while the consumer was away leaves the queue no records.
+                passive_resume=True,
+                replay=True,
+                on_gone=functools.partial(self._reset, log),
+                on_resumed=log.wake_all,
+                publish_barrier=functools.partial(self._publish_barrier, log),
+                first_backoff=0.02,
+                retry_cap=_RETRY_CAP,
+            )
         return log
 
     async def _attached(self, queue: str) -> _Log:
@@ -304,175 +257,21 @@ class RabbitMQStateStore(StateStore):
         await self._ensure_connected()
         log = self._log_of(queue)
         for _ in range(2):
-            attaching = log.attaching
-            if attaching is None or (attaching.done() and (log.tag is None or not _succeeded(attaching))):
-                attaching = log.attaching = self._spawn(self._attach(log, create=create))
-            await self._progressing(log, attaching, "following the records")
-            if log.tag is not None or not create:
+            following = await log.follower.following(
+                passive=not create, what=f"following the records of queue {queue!r}"
+            )
+            if following or not create:
                 break
             # What we waited for was a look-up that found no stream; this write declares it.
-        return log if log.tag is not None else None
-
-    async def _attach(self, log: _Log, *, create: bool) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.operation_timeout
-        backoff = 0.02
-        while log.tag is None:
-            try:
-                if not await self._subscribe(log, passive=not create):
-                    return  # no stream, and only a look-up asked
-            except (_NotReady, BackendUnavailableError) as exc:
-                # A stream just declared (here or by another process) refuses consumers until its writer has
-                # started; RabbitMQ 3.10 may even close the whole connection then (INTERNAL_ERROR), which
-                # reconnects by itself.
-                if loop.time() >= deadline:
-                    if isinstance(exc, BackendUnavailableError):
-                        raise
-                    raise self._channels.endpoint.unavailable(
-                        f"cannot follow the record stream {log.stream} on {self.describe()}: {exc}"
-                    ) from None
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _RETRY_CAP)
-        await self._publish(log, {"m": "sync"})
-
-    async def _declare(self, stream: str, *, passive: bool) -> bool:
-        """Declare the stream (passive: only see whether it exists); False when passive and it does not."""
-        with self._channels.boundary():
-            async with self._channels.ops_channel() as channel:
-                try:
-                    await channel.declare_queue(
-                        stream,
-                        durable=True,
-                        passive=passive,
-                        arguments=None if passive else records_stream_arguments(self.max_age),
-                        timeout=self.operation_timeout,
-                    )
-                except ChannelNotFoundEntity as exc:
-                    # NOT_FOUND also says "home node ... of durable queue ... is down or inaccessible" while a
-                    # restarted node brings its streams back: only "no queue" means it is gone.
-                    if "no queue" not in str(exc):
-                        raise _NotReady(str(exc)) from exc
-                    return False
-                except ChannelPreconditionFailed as exc:  # declared with another max_age elsewhere: use it as is
-                    logger.debug("the record stream %s exists with other arguments: %s", stream, exc)
-        return True
-
-    async def _subscribe(self, log: _Log, *, passive: bool) -> bool:
-        """Consume the stream from its start (or after the last event folded); False if passive and it is gone."""
-        async with log.subscribing:
-            if log.tag is not None:
-                return True  # subscribed meanwhile (a resume and a first use at once)
-            return await self._consume(log, passive=passive)
-
-    async def _consume(self, log: _Log, *, passive: bool) -> bool:
-        if not await self._declare(log.stream, passive=passive):
-            return False
-        with self._channels.boundary():
-            channel = await self._channels.open_channel(prefetch=_PREFETCH)
-            try:
-                underlay = await channel.get_underlay_channel()
-                tag = f"mindtrace.records.{uuid.uuid4().hex}"
-                # The log holds the tag before basic.consume goes out, so a basic.cancel read right behind the
-                # consume-ok (the stream deleted meanwhile) is not ignored.
-                log.channel, log.underlay, log.tag = channel, underlay, tag
-                channel.close_callbacks.add(functools.partial(self._on_channel_closed, log))
-                _on_consumer_cancel(underlay, functools.partial(self._on_consumer_cancelled, log))
-                offset: int | str = "first" if log.offset is None else log.offset + 1
-                try:
-                    await underlay.basic_consume(
-                        log.stream,
-                        functools.partial(self._deliver, log, tag),
-                        no_ack=False,
-                        consumer_tag=tag,
-                        arguments={"x-stream-offset": offset},
-                        timeout=self.operation_timeout,
-                    )
-                except ChannelPreconditionFailed as exc:
-                    raise _NotReady(str(exc)) from exc
-            except BaseException:
-                if log.channel is channel:
-                    log.channel = log.underlay = log.tag = None
-                await self._channels.discard(channel)
-                raise
-        return True
-
-    def _on_channel_closed(self, log: _Log, channel: Any, exc: BaseException | None = None) -> None:
-        if channel is not log.channel:
-            return
-        log.channel = log.underlay = log.tag = None
-        if not self._closed:
-            logger.info("record stream of %r lost (%s), following it again", log.queue, exc)
-            log.attaching = self._spawn(self._resume(log))
-
-    def _on_consumer_cancelled(self, log: _Log, frame: spec.Basic.Cancel) -> None:
-        if frame.consumer_tag is None or frame.consumer_tag != log.tag:
-            return
-        # The broker cancels stream consumers when the stream is deleted (the records are gone), and also when
-        # its node goes down: follow it again after the last event folded if it is still there.
-        channel = log.channel
-        log.channel = log.underlay = log.tag = None
-        if channel is not None:
-            self._spawn(self._channels.discard(channel))
-        if not self._closed:
-            log.attaching = self._spawn(self._resume(log))
-
-    async def _resume(self, log: _Log) -> None:
-        """After a lost channel: consume again after the last event folded, then wake every watch."""
-        backoff = _RETRY_BASE
-        while not self._closed:
-            try:
-                if not await self._subscribe(log, passive=True):
-                    self._reset(log)  # deleted while we were away
-                    return
-                break
-            except (BackendError, ClosedError, ChannelInvalidStateError, _NotReady) as exc:
-                logger.debug("following the records of %r again failed, retrying: %s", log.queue, exc)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _RETRY_CAP)
-        log.wake_all()
+        return log if log.follower.tag is not None else None
 
     def _reset(self, log: _Log) -> None:
         """Forget the queue's records and its consumer (the stream is gone); the next use follows it anew."""
-        log.channel = log.underlay = log.tag = None
-        log.attaching = None
-        log.offset = None
+        log.follower.reset()
         log.records.clear()
         log.keys.clear()
         log.expiry.clear()
         log.wake_all()
-
-    async def _deliver(self, log: _Log, tag: str, message: DeliveredMessage) -> None:
-        # Each delivery runs as a task of its own, in order: all that must happen in stream order is done before
-        # the first await (there is none).
-        if tag != log.tag:
-            return  # a delivery of a consumer given up
-        log.received += 1
-        headers = message.header.properties.headers or {}
-        offset = headers.get("x-stream-offset")
-        if isinstance(offset, int) and not isinstance(offset, bool):
-            if log.offset is not None and offset <= log.offset:
-                return  # already folded (a resumed consumer starts at a chunk boundary)
-            log.offset = offset
-        self._fold(log, message.body)
-        log.last_tag = getattr(message.delivery, "delivery_tag", None)  # a basic.deliver's (aiormq 6 and 7)
-        log.unacked += 1
-        if log.unacked >= _ACK_EVERY:
-            self._ack(log)
-        elif not log.ack_scheduled:
-            log.ack_scheduled = True
-            asyncio.get_running_loop().call_soon(self._ack, log)
-
-    def _ack(self, log: _Log) -> None:
-        """Ack what the consumer was given so far (one ack for many): a stream consumer's credit."""
-        log.ack_scheduled = False
-        if log.unacked and log.last_tag is not None and log.underlay is not None:
-            log.unacked = 0
-            self._spawn(self._send_ack(log.underlay, log.last_tag))
-
-    @staticmethod
-    async def _send_ack(underlay: Any, delivery_tag: int) -> None:
-        with contextlib.suppress(Exception):  # a channel gone took its deliveries with it
-            await underlay.basic_ack(delivery_tag, multiple=True)
 
     # -- the fold -----------------------------------------------------------------------------------
 
@@ -493,9 +292,7 @@ class RabbitMQStateStore(StateStore):
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("ignoring an unreadable event on %s: %s", log.stream, exc)
             return
-        future = self._pending.get(str(data.get("e", "")))
-        if future is not None and not future.done():
-            future.set_result(result)
+        log.follower.resolve(str(data.get("e", "")), result)
 
     def _apply(self, log: _Log, update: StateUpdate) -> JobInfo:
         now = time.time()
@@ -560,50 +357,32 @@ class RabbitMQStateStore(StateStore):
     async def _publish(self, log: _Log, event: dict[str, Any], *, unroutable: bool = False, folded: bool = True) -> Any:
         """Publish ``event`` to the queue's stream (confirmed) and, if ``folded``, return once this store folded
         it: what the fold made of it (a cancel's outcome, else None). A stream that takes no events raises
-        BackendUnavailableError, or _StreamGone with ``unroutable`` (to tell a deleted stream from one starting)."""
+        BackendUnavailableError, or StreamGone with ``unroutable`` (to tell a deleted stream from one starting)."""
         # Unfolded, confirmed is enough: a read in this process sends a barrier after it, which the fold reaches.
-        key = f"{self._name}-{next(self._serial)}" if folded else None
+        follower = log.follower
+        key, future = follower.expect() if folded else (None, None)
         body = json.dumps(event if key is None else {**event, "e": key}, separators=(",", ":")).encode()
-        future: asyncio.Future[Any] | None = None
-        if key is not None:
-            future = self._pending[key] = asyncio.get_running_loop().create_future()
         try:
             try:
-                await self._send(log, body, str(event.get("id", "")))
-            except _StreamGone:
+                await follower.send(body, message_id=str(event.get("id", "")) or None)
+            except StreamGone:
                 if unroutable:
                     raise
                 raise self._not_taking(log) from None
-            return None if future is None else await self._progressing(log, future, "reading back an event")
+            return (
+                None
+                if future is None
+                else await follower.progressing(future, f"reading back an event of queue {log.queue!r}")
+            )
         finally:
             if key is not None:
-                self._pending.pop(key, None)
+                follower.forget(key)
 
-    async def _send(self, log: _Log, body: bytes, job_id: str) -> None:
-        """Publish one event (mandatory, confirmed); sent once more on a fresh channel if nothing was sent."""
-        properties = spec.Basic.Properties(message_id=job_id or None, delivery_mode=2)
-        for attempt in (1, 2):
-            with self._channels.boundary():
-                channel = await self._channels.confirm_channel()
-                underlay = await channel.get_underlay_channel()
-                try:
-                    await underlay.basic_publish(
-                        body,
-                        exchange="",
-                        routing_key=log.stream,
-                        properties=properties,
-                        mandatory=True,
-                        timeout=self.operation_timeout,
-                    )
-                    return
-                except aiormq.exceptions.PublishError as exc:
-                    if getattr(exc.frame, "reply_code", None) == _NO_ROUTE:
-                        raise _StreamGone(log.stream) from exc
-                    raise
-                except ChannelInvalidStateError:
-                    # Raised before anything was written: the channel (or its connection) had closed.
-                    if attempt == 2:
-                        raise
+    async def _publish_barrier(self, log: _Log, body: bytes) -> None:
+        try:
+            await log.follower.send(body)
+        except StreamGone:
+            raise self._not_taking(log) from None
 
     async def _write(self, queue: str, event: dict[str, Any], *, folded: bool = True) -> Any:
         """Publish ``event`` to the queue's stream (see ``_publish``); a stream deleted meanwhile is followed anew
@@ -611,10 +390,10 @@ class RabbitMQStateStore(StateStore):
         log = await self._attached(queue)
         try:
             return await self._publish(log, event, unroutable=True, folded=folded)
-        except _StreamGone:
+        except StreamGone:
             try:
-                exists = await self._declare(log.stream, passive=True)
-            except _NotReady:
+                exists = await log.follower.declare(passive=True)
+            except NotReady:
                 exists = True
             if exists:
                 raise self._not_taking(log) from None
@@ -625,31 +404,6 @@ class RabbitMQStateStore(StateStore):
         return self._channels.endpoint.unavailable(
             f"the record stream {log.stream} on {self.describe()} takes no events (is its node starting?)"
         )
-
-    async def _sync(self, log: _Log) -> None:
-        """Return once this store folded every event confirmed before the call (one barrier event serves every
-        caller that arrived before it was sent)."""
-        waiter = log.next_sync
-        if waiter is None:
-            waiter = log.next_sync = asyncio.get_running_loop().create_future()
-            waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
-            self._spawn(self._send_barrier(log, waiter))
-        await asyncio.shield(waiter)
-
-    async def _send_barrier(self, log: _Log, waiter: asyncio.Future[None]) -> None:
-        async with log.sync_lock:
-            if log.next_sync is waiter:
-                log.next_sync = None  # callers from now on wait for the next barrier
-            try:
-                await self._publish(log, {"m": "sync"})
-            except BaseException as exc:
-                if not waiter.done():
-                    waiter.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                return
-            if not waiter.done():
-                waiter.set_result(None)
 
     # -- the contract: writes -----------------------------------------------------------------------
 
@@ -662,7 +416,7 @@ class RabbitMQStateStore(StateStore):
         # another (in any process) sees its record; two racing through that gap may both record and publish.
         log = await self._following(queue, create=False)
         if log is not None and update.dedup_key is not None:
-            await self._sync(log)
+            await log.follower.sync()
             holder = log.keys.get(update.dedup_key)
             if holder is not None and holder != update.job_id and self._read(log, holder).holds_key():
                 return holder
@@ -689,7 +443,7 @@ class RabbitMQStateStore(StateStore):
                     await underlay.queue_delete(stream, timeout=self.operation_timeout)
         log = self._logs.get(queue)
         if log is not None:
-            channel = log.channel
+            channel = log.follower.channel
             self._reset(log)
             if channel is not None:
                 await self._channels.discard(channel)
@@ -700,7 +454,7 @@ class RabbitMQStateStore(StateStore):
         log = await self._following(queue, create=False)
         if log is None:
             return JobInfo(job_id=job_id, queue=queue)
-        await self._sync(log)
+        await log.follower.sync()
         return self._read(log, job_id)
 
     def watch(self, queue: str, job_id: str) -> Watch:
@@ -737,7 +491,3 @@ class RabbitMQStateStore(StateStore):
             await listener.close()
             raise
         return listener
-
-
-def _succeeded(future: asyncio.Future[Any]) -> bool:
-    return not future.cancelled() and future.exception() is None

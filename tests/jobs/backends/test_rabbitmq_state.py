@@ -15,7 +15,6 @@ import pytest
 
 from mindtrace.jobs import AsyncConsumer, AsyncOrchestrator, Job, RabbitMQClient
 from mindtrace.jobs.backends.rabbitmq.compat import _AIORMQ_6
-from mindtrace.jobs.backends.rabbitmq.topology import records_stream_name
 from mindtrace.jobs.lifecycle import CancelOutcome, JobStatus, StateUpdate
 from mindtrace.jobs.state import state_store_from_url
 from mindtrace.jobs.state.rabbitmq import RabbitMQStateStore
@@ -136,7 +135,7 @@ async def test_a_waiter_wakes_within_milliseconds_of_another_store_finishing_the
             await writer.record(queue, published(job_id))
             waiter = asyncio.create_task(waiting.wait(queue, job_id, timeout=10))
             # Until its first read is done (it then waits for the change); the store has no event to wait on.
-            while job_id not in log.watches or log.next_sync is not None or log.sync_lock.locked():  # noqa: ASYNC110
+            while job_id not in log.watches or log.follower.next_sync is not None or log.follower.sync_lock.locked():  # noqa: ASYNC110
                 await asyncio.sleep(0.002)
             await asyncio.sleep(0.01)
             started = loop.time()
@@ -317,7 +316,7 @@ async def test_looking_at_a_queue_with_no_records_declares_no_stream(amqp_url: s
         assert await store.cancel_requested(queue, "nobody") is None
         heard: list[str] = []
         listener = await store.listen_cancels(queue, lambda job_id, reason: heard.append(job_id))
-        assert not await store._declare(records_stream_name(queue), passive=True)
+        assert not await store._log_of(queue).follower.declare(passive=True)
         # The first write declares it, and the listener registered before hears the queue from then on.
         await store.record(queue, published("later"))
         await store.record(queue, StateUpdate("later", JobStatus.RUNNING, attempts=1))

@@ -5,34 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import aio_pika
-import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractConnection
 from aio_pika.connection import make_url
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
-from aiormq import spec
-from aiormq.abc import DeliveredMessage
-from aiormq.exceptions import (
-    ChannelInvalidStateError,
-    ChannelLockedResource,
-    ChannelNotFoundEntity,
-    ChannelPreconditionFailed,
-)
+from aiormq.exceptions import ChannelInvalidStateError, ChannelLockedResource
 from pydantic import ValidationError
 
 from mindtrace.jobs.backends.base import ScheduleMode
 from mindtrace.jobs.backends.rabbitmq import conditions
-from mindtrace.jobs.backends.rabbitmq.compat import _on_consumer_cancel
+from mindtrace.jobs.backends.rabbitmq.streams import StreamFollower
 from mindtrace.jobs.backends.rabbitmq.topology import EXCHANGE
 from mindtrace.jobs.errors import BackendError, BackendRefusedError, BackendUnavailableError, ClosedError
 from mindtrace.jobs.schedules import ScheduleSpec, ScheduleState, ScheduleStore
@@ -41,8 +32,6 @@ if TYPE_CHECKING:
     from mindtrace.jobs.backends.rabbitmq.connection import _Channels
 
 logger = logging.getLogger("mindtrace.jobs")
-
-_T = TypeVar("_T")
 
 #: The durable stream queue holding every schedule event of the vhost (puts, tombstones, cursors, snapshots).
 SCHEDULES_STREAM: Final = f"{EXCHANGE}:schedules"
@@ -59,13 +48,6 @@ STREAM_SEGMENT_BYTES: Final = 1_000_000
 #: The leader writes a snapshot of the whole fold after this many events (of any process) since the last one,
 #: so that the segments the stream drops only ever hold events a later snapshot repeats.
 SNAPSHOT_EVERY: Final = 500
-
-# Stream messages the broker may push to the consumer before it acks (stream credit); acks go for many at once.
-_PREFETCH: Final = 1000
-_ACK_EVERY: Final = 250
-
-# AMQP reply code of a mandatory message that no queue was bound to receive (the stream was deleted).
-_NO_ROUTE: Final = 312
 
 # Seconds between tries to take the lock while another process holds it; retries after errors back off to the cap.
 _LOCK_RETRY: Final = 1.0
@@ -85,14 +67,6 @@ def stream_arguments() -> dict[str, Any]:
         "x-max-length-bytes": STREAM_MAX_BYTES,
         "x-stream-max-segment-size-bytes": STREAM_SEGMENT_BYTES,
     }
-
-
-class _NotReady(Exception):
-    """The broker refused to consume the stream for now (just declared, its member not started yet)."""
-
-
-class _StreamGone(Exception):
-    """The stream was deleted under a publish."""
 
 
 @dataclass
@@ -199,23 +173,20 @@ class RabbitMQScheduleStore(ScheduleStore):
         #: Seconds an operation waits for the broker (a barrier: for the consumer to make progress).
         self.operation_timeout = channels.operation_timeout
         self._fold = _Fold()
-        self._name = uuid.uuid4().hex[:12]
-        self._serial = itertools.count()
-        self._pending: dict[str, asyncio.Future[None]] = {}
-        self._tasks: set[asyncio.Future[Any]] = set()
         self._connecting = asyncio.Lock()
-        self._subscribing = asyncio.Lock()
-        self._attaching: asyncio.Future[None] | None = None
-        self._channel: AbstractChannel | None = None
-        self._underlay: Any = None
-        self._tag: str | None = None
-        self._offset: int | None = None  # of the last event folded
-        self._received = 0
-        self._unacked = 0
-        self._last_tag: int | None = None
-        self._ack_scheduled = False
-        self._next_sync: asyncio.Future[None] | None = None
-        self._sync_lock = asyncio.Lock()
+        self._follower = StreamFollower(
+            channels,
+            SCHEDULES_STREAM,
+            fold=self._fold_event,
+            arguments=stream_arguments,
+            barrier=lambda key: {"op": "barrier", "id": key},
+            label="schedules stream",
+            owner="the schedule store",
+            tag_prefix="mindtrace.schedules.",
+            reading="reading the schedules",
+            publish_barrier=self._publish_body,
+            retry_cap=_RETRY_CAP,
+        )
         self._leading = False
         self._snapshotting: asyncio.Future[None] | None = None
         self._lock_connections: set[AbstractConnection] = set()
@@ -320,14 +291,8 @@ class RabbitMQScheduleStore(ScheduleStore):
         if self._closed:
             return
         self._closed = True
-        for future in list(self._pending.values()):
-            if not future.done():
-                future.set_exception(ClosedError(f"the schedule store {self.describe()} is closed"))
-        self._pending.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._channel = self._underlay = self._tag = None
+        self._follower.close()
+        await self._follower.wait_closed()
         for connection in list(self._lock_connections):
             await self._drop_lock(connection)
         await self._channels.close()
@@ -421,7 +386,7 @@ class RabbitMQScheduleStore(ScheduleStore):
 
     def _snapshot_soon(self) -> None:
         if self._leading and not self._closed and (self._snapshotting is None or self._snapshotting.done()):
-            self._snapshotting = self._spawn(self._write_snapshot_quietly())
+            self._snapshotting = self._follower.spawn(self._write_snapshot_quietly())
 
     async def _write_snapshot_quietly(self) -> None:
         try:
@@ -435,13 +400,6 @@ class RabbitMQScheduleStore(ScheduleStore):
         if self._closed:
             raise ClosedError(f"the schedule store {self.describe()} is closed")
 
-    def _spawn(self, coroutine: Awaitable[_T]) -> asyncio.Future[_T]:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return task
-
     async def _following(self) -> None:
         """Connect if needed and have the consumer subscribed (replaying the stream from its first event)."""
         self._check_open()
@@ -449,140 +407,8 @@ class RabbitMQScheduleStore(ScheduleStore):
             async with self._connecting:
                 if self._channels.connection is None:
                     await self._channels.connect()
-        attaching = self._attaching
-        if attaching is None or (attaching.done() and self._tag is None):
-            attaching = self._attaching = self._spawn(self._attach(patient=False))
-        await self._progressing(attaching, "following the schedules")
+        await self._follower.following(passive=False, what="following the schedules")
         self._check_open()
-
-    async def _progressing(self, waited: asyncio.Future[_T], what: str) -> _T:
-        """``waited``'s result, failing only when the consumer received nothing for ``operation_timeout`` (a
-        replay of a long stream takes as long as it takes)."""
-        while True:
-            received = self._received
-            try:
-                return await asyncio.wait_for(asyncio.shield(waited), self.operation_timeout)
-            except asyncio.TimeoutError:
-                if self._received == received:
-                    raise self._channels.endpoint.unavailable(
-                        f"{what} on {self.describe()}: nothing arrived within {self.operation_timeout:g}s"
-                    ) from None
-
-    async def _attach(self, *, patient: bool) -> None:
-        """Subscribe the consumer (after the last event folded, if any); retried while the stream refuses
-        consumers, until ``operation_timeout`` unless ``patient`` (after a lost channel: until it works)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.operation_timeout
-        backoff = _RETRY_BASE
-        while self._tag is None and not self._closed:
-            try:
-                async with self._subscribing:
-                    if self._tag is None:
-                        await self._consume()
-            except (_NotReady, BackendUnavailableError) as exc:
-                if not patient and loop.time() >= deadline:
-                    if isinstance(exc, BackendUnavailableError):
-                        raise
-                    raise self._channels.endpoint.unavailable(
-                        f"cannot follow the schedules stream {SCHEDULES_STREAM} on {self.describe()}: {exc}"
-                    ) from None
-                logger.debug("following the schedules stream failed, retrying: %s", exc)
-            except (BackendError, ClosedError):
-                if not patient or self._closed:
-                    raise
-            if self._tag is None:
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _RETRY_CAP)
-
-    async def _declare(self) -> None:
-        with self._channels.boundary():
-            async with self._channels.ops_channel() as channel:
-                try:
-                    await channel.declare_queue(
-                        SCHEDULES_STREAM, durable=True, arguments=stream_arguments(), timeout=self.operation_timeout
-                    )
-                except ChannelNotFoundEntity as exc:
-                    raise _NotReady(str(exc)) from exc  # "home node ... is down or inaccessible"
-                except ChannelPreconditionFailed as exc:  # declared with other bounds elsewhere: use it as is
-                    logger.debug("the schedules stream exists with other arguments: %s", exc)
-
-    async def _consume(self) -> None:
-        await self._declare()
-        with self._channels.boundary():
-            channel = await self._channels.open_channel(prefetch=_PREFETCH)
-            try:
-                underlay = await channel.get_underlay_channel()
-                tag = f"mindtrace.schedules.{uuid.uuid4().hex}"
-                self._channel, self._underlay, self._tag = channel, underlay, tag
-                channel.close_callbacks.add(self._on_channel_closed)
-                _on_consumer_cancel(underlay, self._on_consumer_cancelled)
-                offset: int | str = "first" if self._offset is None else self._offset + 1
-                try:
-                    await underlay.basic_consume(
-                        SCHEDULES_STREAM,
-                        functools.partial(self._deliver, tag),
-                        no_ack=False,
-                        consumer_tag=tag,
-                        arguments={"x-stream-offset": offset},
-                        timeout=self.operation_timeout,
-                    )
-                except ChannelPreconditionFailed as exc:
-                    raise _NotReady(str(exc)) from exc
-            except BaseException:
-                if self._channel is channel:
-                    self._channel = self._underlay = self._tag = None
-                await self._channels.discard(channel)
-                raise
-
-    def _on_channel_closed(self, channel: Any, exc: BaseException | None = None) -> None:
-        if channel is not self._channel:
-            return
-        self._channel = self._underlay = self._tag = None
-        if not self._closed:
-            logger.info("the schedules stream consumer was lost (%s), following it again", exc)
-            self._attaching = self._spawn(self._attach(patient=True))
-
-    def _on_consumer_cancelled(self, frame: spec.Basic.Cancel) -> None:
-        if frame.consumer_tag is None or frame.consumer_tag != self._tag:
-            return
-        channel = self._channel
-        self._channel = self._underlay = self._tag = None
-        if channel is not None:
-            self._spawn(self._channels.discard(channel))
-        if not self._closed:
-            self._attaching = self._spawn(self._attach(patient=True))
-
-    async def _deliver(self, tag: str, message: DeliveredMessage) -> None:
-        # Deliveries run in order; the fold needs no order anyway, nor does it await anything.
-        if tag != self._tag:
-            return  # a delivery of a consumer given up
-        self._received += 1
-        headers = message.header.properties.headers or {}
-        offset = headers.get("x-stream-offset")
-        if isinstance(offset, int) and not isinstance(offset, bool):
-            if self._offset is not None and offset <= self._offset:
-                return  # already folded (a resumed consumer starts at a chunk boundary)
-            self._offset = offset
-        self._fold_event(message.body)
-        self._last_tag = getattr(message.delivery, "delivery_tag", None)
-        self._unacked += 1
-        if self._unacked >= _ACK_EVERY:
-            self._ack()
-        elif not self._ack_scheduled:
-            self._ack_scheduled = True
-            asyncio.get_running_loop().call_soon(self._ack)
-
-    def _ack(self) -> None:
-        """Ack what the consumer was given so far (one ack for many): a stream consumer's credit."""
-        self._ack_scheduled = False
-        if self._unacked and self._last_tag is not None and self._underlay is not None:
-            self._unacked = 0
-            self._spawn(self._send_ack(self._underlay, self._last_tag))
-
-    @staticmethod
-    async def _send_ack(underlay: Any, delivery_tag: int) -> None:
-        with contextlib.suppress(Exception):  # a channel gone took its deliveries with it
-            await underlay.basic_ack(delivery_tag, multiple=True)
 
     # -- the fold -------------------------------------------------------------------------------------
 
@@ -601,9 +427,7 @@ class RabbitMQScheduleStore(ScheduleStore):
             elif op == "snapshot":
                 self._fold_snapshot(data)
             elif op == "barrier":
-                future = self._pending.get(str(data.get("id", "")))
-                if future is not None and not future.done():
-                    future.set_result(None)
+                self._follower.resolve(str(data.get("id", "")))
             # Unknown ops come from newer writers.
         except (ValueError, KeyError, TypeError, ValidationError) as exc:
             logger.warning("ignoring an unreadable event on %s: %s", SCHEDULES_STREAM, exc)
@@ -638,81 +462,14 @@ class RabbitMQScheduleStore(ScheduleStore):
 
     async def _publish(self, event: dict[str, Any]) -> None:
         """Publish ``event`` to the stream, confirmed (the stream declared again if it was deleted)."""
-        await self._following()
-        body = json.dumps(event, separators=(",", ":")).encode()
-        try:
-            await self._send(body)
-        except _StreamGone:
-            await self._declare()
-            try:
-                await self._send(body)
-            except _StreamGone:
-                raise self._channels.endpoint.unavailable(
-                    f"the schedules stream {SCHEDULES_STREAM} on {self.describe()} takes no events"
-                ) from None
+        await self._publish_body(json.dumps(event, separators=(",", ":")).encode())
 
-    async def _send(self, body: bytes) -> None:
-        """One persistent, mandatory, confirmed publish; sent once more on a fresh channel if nothing was sent."""
-        properties = spec.Basic.Properties(delivery_mode=2, content_type="application/json")
-        for attempt in (1, 2):
-            with self._channels.boundary():
-                channel = await self._channels.confirm_channel()
-                underlay = await channel.get_underlay_channel()
-                try:
-                    confirmation = await underlay.basic_publish(
-                        body,
-                        exchange="",
-                        routing_key=SCHEDULES_STREAM,
-                        properties=properties,
-                        mandatory=True,
-                        timeout=self.operation_timeout,
-                    )
-                except aiormq.exceptions.PublishError as exc:
-                    if getattr(exc.frame, "reply_code", None) == _NO_ROUTE:
-                        raise _StreamGone(SCHEDULES_STREAM) from exc
-                    raise
-                except ChannelInvalidStateError:
-                    if attempt == 2:
-                        raise
-                    continue
-                if isinstance(confirmation, spec.Basic.Nack):
-                    raise self._channels.endpoint.unavailable(
-                        f"{self.describe()} refused (nacked) an event for {SCHEDULES_STREAM}"
-                    )
-                return
+    async def _publish_body(self, body: bytes) -> None:
+        await self._following()
+        await self._follower.publish(body, content_type="application/json")
 
     async def _sync(self) -> None:
         """Return once the fold read every event confirmed before the call (one barrier serves every caller
         that arrived before it was sent)."""
         await self._following()
-        waiter = self._next_sync
-        if waiter is None:
-            waiter = self._next_sync = asyncio.get_running_loop().create_future()
-            waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
-            self._spawn(self._send_barrier(waiter))
-        await self._progressing(waiter, "reading the schedules")
-
-    async def _send_barrier(self, waiter: asyncio.Future[None]) -> None:
-        async with self._sync_lock:
-            if self._next_sync is waiter:
-                self._next_sync = None  # callers from now on wait for the next barrier
-            key = f"{self._name}-{next(self._serial)}"
-            folded = self._pending[key] = asyncio.get_running_loop().create_future()
-            try:
-                await self._publish({"op": "barrier", "id": key})
-                await self._progressing(folded, "reading the schedules")
-            except BaseException as exc:
-                if not waiter.done():
-                    if self._closed:
-                        waiter.set_exception(ClosedError(f"the schedule store {self.describe()} is closed"))
-                    elif isinstance(exc, asyncio.CancelledError):
-                        waiter.cancel()
-                    else:
-                        waiter.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                return
-            finally:
-                self._pending.pop(key, None)
-            if not waiter.done():
-                waiter.set_result(None)
+        await self._follower.sync("reading the schedules")
