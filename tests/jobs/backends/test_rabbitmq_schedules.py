@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from mindtrace.jobs import AsyncOrchestrator, JobInput, JobSchema, RabbitMQClien
 from mindtrace.jobs.backends.rabbitmq import schedules
 from mindtrace.jobs.backends.rabbitmq.schedules import RabbitMQScheduleStore
 from mindtrace.jobs.schedules import ScheduleSpec
+from tests.jobs.support import servers
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -27,6 +28,15 @@ class In(JobInput):
     """The input of the scheduled test job."""
 
     x: int = 1
+
+
+@pytest.fixture
+def namespaced_url(amqp_url: str) -> Iterator[str]:
+    """The shared broker's URL with a schedules namespace of this test's own: no other process (another test, a
+    CI lane on another Python) leads or fires its schedules. Its stream is deleted afterwards."""
+    namespace = f"mindtrace-test-{uuid.uuid4().hex[:12]}"
+    yield servers.namespaced(amqp_url, namespace)
+    asyncio.run(servers.delete_schedules_stream(amqp_url, namespace))
 
 
 @contextlib.asynccontextmanager
@@ -46,7 +56,7 @@ def spec_named(name: str, every_ms: int = 60_000, anchor_ms: int = 0) -> Schedul
 
 
 def unique(prefix: str) -> str:
-    """A schedule or queue name no other test or run uses (the stream is shared by all)."""
+    """A schedule or queue name no other test or run uses."""
     return f"test-{prefix}-{uuid.uuid4().hex[:12]}"
 
 
@@ -58,9 +68,9 @@ async def named(store: RabbitMQScheduleStore, name: str) -> list[tuple[ScheduleS
 # -- (1) the stream, folded by every store ------------------------------------------------------------------
 
 
-async def test_an_upsert_in_one_store_is_loaded_by_another_and_a_remove_is_seen_there_too(amqp_url: str) -> None:
+async def test_an_upsert_in_one_store_is_loaded_by_another_and_a_remove_is_seen_there_too(namespaced_url: str) -> None:
     name = unique("shared")
-    async with stores(amqp_url, 2) as (first, second):
+    async with stores(namespaced_url, 2) as (first, second):
         await second.load()  # following the stream already: the put arrives live
         second.changed.clear()
         now = await first.now_ms()
@@ -77,9 +87,9 @@ async def test_an_upsert_in_one_store_is_loaded_by_another_and_a_remove_is_seen_
         assert await second.advance(spec, cursor, cursor + 60_000) is False  # a removed schedule never moves
 
 
-async def test_the_same_spec_upserted_again_is_a_no_op_and_a_changed_one_replaces_it(amqp_url: str) -> None:
+async def test_the_same_spec_upserted_again_is_a_no_op_and_a_changed_one_replaces_it(namespaced_url: str) -> None:
     name = unique("same")
-    async with stores(amqp_url, 2) as (first, second):
+    async with stores(namespaced_url, 2) as (first, second):
         try:
             stored = await first.upsert(spec_named(name), await first.now_ms())
             await second.load()
@@ -103,10 +113,10 @@ async def test_the_same_spec_upserted_again_is_a_no_op_and_a_changed_one_replace
 
 
 async def test_the_fold_ignores_order_an_old_put_or_a_stale_snapshot_never_brings_a_removed_schedule_back(
-    amqp_url: str,
+    namespaced_url: str,
 ) -> None:
     name = unique("order")
-    async with stores(amqp_url, 2) as (first, second):
+    async with stores(namespaced_url, 2) as (first, second):
         await first.upsert(spec_named(name), await first.now_ms())
         await first.load()
         version = first._fold.version(name)
@@ -118,17 +128,17 @@ async def test_the_fold_ignores_order_an_old_put_or_a_stale_snapshot_never_bring
         await first._publish(old_put)
         await first._publish(stale)
         assert await named(first, name) == []
-        async with stores(amqp_url, 1) as (late,):  # replays the whole stream, the events in that order
+        async with stores(namespaced_url, 1) as (late,):  # replays the whole stream, the events in that order
             assert await named(late, name) == []
         assert await named(second, name) == []
 
 
 async def test_the_leader_writes_a_snapshot_every_so_many_events_and_a_new_store_folds_it(
-    amqp_url: str, monkeypatch: pytest.MonkeyPatch
+    namespaced_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(schedules, "SNAPSHOT_EVERY", 5)
     name = unique("snapshot")
-    async with stores(amqp_url, 1) as (leader,):
+    async with stores(namespaced_url, 1) as (leader,):
         try:
             stored = await leader.upsert(spec_named(name, every_ms=1000), await leader.now_ms())
             async with leader.leadership():
@@ -143,7 +153,7 @@ async def test_the_leader_writes_a_snapshot_every_so_many_events_and_a_new_store
                 assert leader._snapshotting is not taken and leader._snapshotting is not None
                 await leader._snapshotting
                 assert leader._fold.since_snapshot < 5
-            async with stores(amqp_url, 1) as (late,):
+            async with stores(namespaced_url, 1) as (late,):
                 assert await named(late, name) == [(stored, cursor)]
         finally:
             await leader.remove(name)
@@ -165,8 +175,8 @@ async def _lead(store: RabbitMQScheduleStore, entered: asyncio.Event, release: a
         return lost.is_set()
 
 
-async def test_one_store_leads_at_a_time_and_the_next_takes_over_when_the_leader_leaves(amqp_url: str) -> None:
-    async with stores(amqp_url, 2) as (first, second):
+async def test_one_store_leads_at_a_time_and_the_next_takes_over_when_the_leader_leaves(namespaced_url: str) -> None:
+    async with stores(namespaced_url, 2) as (first, second):
         async with first.leadership() as lost:
             assert not lost.is_set()
             entered, release = asyncio.Event(), asyncio.Event()
@@ -193,8 +203,8 @@ async def test_one_store_leads_at_a_time_and_the_next_takes_over_when_the_leader
             assert await waiting is False
 
 
-async def test_a_leader_whose_lock_connection_closes_is_told_and_another_store_takes_over(amqp_url: str) -> None:
-    async with stores(amqp_url, 2) as (first, second):
+async def test_a_leader_whose_lock_connection_closes_is_told_and_another_store_takes_over(namespaced_url: str) -> None:
+    async with stores(namespaced_url, 2) as (first, second):
         entered, release = asyncio.Event(), asyncio.Event()
         async with first.leadership() as lost:
             waiting = asyncio.ensure_future(_lead(second, entered, release))
@@ -245,14 +255,14 @@ def _fire_ms(job_id: str, name: str) -> int:
 
 
 async def test_when_the_leading_process_is_killed_another_takes_over_and_every_fire_happens_once(
-    amqp_url: str,
+    namespaced_url: str,
 ) -> None:
     queue, name = unique("kill-q"), unique("kill")
     job = job_from_schema(JobSchema(name="s", input=In), In())
-    async with AsyncOrchestrator(amqp_url) as orchestrator:
+    async with AsyncOrchestrator(namespaced_url) as orchestrator:
         await orchestrator.declare_queue(queue)
         await orchestrator.schedule(name, queue, job, every=1)
-        command = [sys.executable, "-c", SCHEDULER, amqp_url, queue]
+        command = [sys.executable, "-c", SCHEDULER, namespaced_url, queue]
         workers = [
             await asyncio.to_thread(subprocess.Popen, command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
             for _ in range(2)

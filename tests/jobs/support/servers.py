@@ -434,3 +434,19 @@ def rabbitmq_url() -> Iterator[str | None]:
         yield "amqp://guest:guest@127.0.0.1:5672/"
         return
     yield None
+
+
+def namespaced(amqp_url: str, namespace: str) -> str:
+    """``amqp_url`` with the query option ``schedules_namespace=namespace`` (schedules of a test's own)."""
+    return f"{amqp_url}{'&' if '?' in amqp_url else '?'}schedules_namespace={namespace}"
+
+
+async def delete_schedules_stream(amqp_url: str, namespace: str) -> None:
+    """Delete the schedules stream of ``namespace`` on the broker at ``amqp_url`` (a test's own, when it ends)."""
+    import aio_pika
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        with contextlib.suppress(Exception):
+            await channel.queue_delete(f"{namespace}:schedules")

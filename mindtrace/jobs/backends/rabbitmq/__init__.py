@@ -66,12 +66,13 @@ logger = logging.getLogger("mindtrace.jobs")
 # publish_many sends this many messages before it waits for their confirms.
 _PUBLISH_WINDOW: Final = 256
 
-#: Query options ``from_url`` takes: ``heartbeat`` (an int), ``connect_timeout`` (seconds) and ``jobs_per_channel``
-#: (an int) anywhere, ``ssl_ca_certs`` (a path) with amqps:// only.
+#: Query options ``from_url`` takes: ``heartbeat`` (an int), ``connect_timeout`` (seconds), ``jobs_per_channel``
+#: (an int) and ``schedules_namespace`` (a name) anywhere, ``ssl_ca_certs`` (a path) with amqps:// only.
 _URL_OPTIONS: Final[dict[str, Option]] = {
     "heartbeat": (int, "an integer"),
     "connect_timeout": (float, "a number"),
     "jobs_per_channel": (int, "an integer"),
+    "schedules_namespace": (str, "a name"),
 }
 _URL_TLS_OPTIONS: Final = ("ssl_ca_certs",)
 
@@ -100,6 +101,10 @@ class RabbitMQClient(Backend):
     ``consumer_timeout`` closes the channel of a delivery unacked for too long and requeues everything that
     channel holds, so with 1 an overrunning job takes back only itself. A larger value (up to the consumer's
     concurrency) uses fewer channels and drains short jobs faster, at the cost of that isolation.
+
+    ``schedules_namespace`` (default ``mindtrace.jobs``): whose schedules this client stores, lists and fires
+    (the stream ``<namespace>:schedules`` and the leader's lock queue ``<namespace>:scheduler.lock``), so that
+    applications sharing a vhost keep their schedules apart, as a Redis ``key_prefix`` does.
 
     TLS (``ssl=True``, or an ``amqps://`` URL) verifies the broker's certificate and host name against the
     system's trusted CAs, against the CA bundle file ``ssl_ca_certs`` (which implies TLS; also
@@ -149,8 +154,22 @@ class RabbitMQClient(Backend):
         operation_timeout: float = OPERATION_TIMEOUT,
         reconnect_interval: float = AMQP_RECONNECT_INTERVAL,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        schedules_namespace: str = "mindtrace.jobs",
     ) -> None:
         super().__init__(max_payload_bytes=max_payload_bytes)
+        if (
+            not isinstance(schedules_namespace, str)
+            or not schedules_namespace
+            or len(schedules_namespace) > 200
+            or not schedules_namespace.isprintable()
+        ):
+            raise ConfigurationError(
+                f"schedules_namespace must be a non-empty printable name of at most 200 characters, not "
+                f"{schedules_namespace!r}"
+            )
+        #: Whose schedules this client sees and fires: the stream ``<namespace>:schedules`` and the lock queue
+        #: ``<namespace>:scheduler.lock`` (several applications on one vhost keep theirs apart with it).
+        self.schedules_namespace = schedules_namespace
         if not host:
             raise ConfigurationError("host must not be empty")
         if not isinstance(port, int) or not 0 < port < 65536:
@@ -221,7 +240,7 @@ class RabbitMQClient(Backend):
             channels = self._own_channels(
                 "mindtrace.jobs schedules", lambda: self._schedules is not None and self._schedules.closed
             )
-            self._schedules = RabbitMQScheduleStore(channels)
+            self._schedules = RabbitMQScheduleStore(channels, self.schedules_namespace)
         return self._schedules
 
     def _own_channels(self, name: str, is_closed: Callable[[], bool]) -> _Channels:
@@ -244,7 +263,7 @@ class RabbitMQClient(Backend):
 
         Omitted parts take the defaults (guest/guest, port 5672 or 5671, vhost ``/``); the vhost is
         percent-decoded (``%2F`` is ``/``) and an empty path means ``/``. Query options: ``?heartbeat=N``,
-        ``?connect_timeout=S`` (seconds), ``?jobs_per_channel=N``, and with ``amqps://``
+        ``?connect_timeout=S`` (seconds), ``?jobs_per_channel=N``, ``?schedules_namespace=NAME``, and with ``amqps://``
         ``?ssl_ca_certs=/path/ca.pem`` (percent-encoded).
         Keyword arguments go to the constructor and win over the URL.
         """

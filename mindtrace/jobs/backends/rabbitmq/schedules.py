@@ -33,11 +33,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("mindtrace.jobs")
 
-#: The durable stream queue holding every schedule event of the vhost (puts, tombstones, cursors, snapshots).
-SCHEDULES_STREAM: Final = f"{EXCHANGE}:schedules"
+#: The default schedules namespace: the stream and the lock queue are ``<namespace>:schedules`` and
+#: ``<namespace>:scheduler.lock``.
+SCHEDULES_NAMESPACE: Final = EXCHANGE
 
-#: The exclusive, auto-delete queue whose holder (one connection at a time) alone fires schedules.
-SCHEDULER_LOCK: Final = f"{EXCHANGE}:scheduler.lock"
+#: The durable stream queue holding every schedule event of the namespace (puts, tombstones, cursors, snapshots).
+SCHEDULES_STREAM: Final = f"{SCHEDULES_NAMESPACE}:schedules"
+
+#: The exclusive, auto-delete queue whose holder (one connection at a time) alone fires the namespace's schedules.
+SCHEDULER_LOCK: Final = f"{SCHEDULES_NAMESPACE}:scheduler.lock"
 
 #: The stream keeps about this many bytes (whole segments are dropped, oldest first).
 STREAM_MAX_BYTES: Final = 20_000_000
@@ -139,8 +143,10 @@ def _ms(value: Any) -> int:
 
 
 class RabbitMQScheduleStore(ScheduleStore):
-    """Schedules on RabbitMQ alone: every change is an event on the stream ``mindtrace.jobs:schedules``, which
-    each process folds; the process that holds the exclusive queue ``mindtrace.jobs:scheduler.lock`` fires.
+    """Schedules on RabbitMQ alone: every change is an event on the stream ``<namespace>:schedules``
+    (``mindtrace.jobs:schedules`` by default), which each process folds; the process that holds the exclusive
+    queue ``<namespace>:scheduler.lock`` fires. Clients with another ``namespace`` on the same vhost keep
+    schedules of their own, fired by their own leader.
 
     Events (JSON): a put ``{"op": "put", "name", "v": [ms, id], "spec"}`` (``spec`` null: a tombstone, the
     schedule removed), a cursor ``{"op": "cursor", "name", "ms"}`` (the fires of ``name`` up to ``ms`` were
@@ -168,15 +174,17 @@ class RabbitMQScheduleStore(ScheduleStore):
     mode: ClassVar[ScheduleMode] = "leader"
     publish_first: ClassVar[bool] = True
 
-    def __init__(self, channels: _Channels) -> None:
+    def __init__(self, channels: _Channels, namespace: str = SCHEDULES_NAMESPACE) -> None:
         self._channels = channels
+        #: The stream of this store's schedules, and the queue whose holder fires them (see ``namespace``).
+        self.stream, self.lock = f"{namespace}:schedules", f"{namespace}:scheduler.lock"
         #: Seconds an operation waits for the broker (a barrier: for the consumer to make progress).
         self.operation_timeout = channels.operation_timeout
         self._fold = _Fold()
         self._connecting = asyncio.Lock()
         self._follower = StreamFollower(
             channels,
-            SCHEDULES_STREAM,
+            self.stream,
             fold=self._fold_event,
             arguments=stream_arguments,
             barrier=lambda key: {"op": "barrier", "id": key},
@@ -313,7 +321,7 @@ class RabbitMQScheduleStore(ScheduleStore):
                 channel = await connection.channel()
                 try:
                     await channel.declare_queue(
-                        SCHEDULER_LOCK,
+                        self.lock,
                         durable=False,
                         exclusive=True,
                         auto_delete=True,
@@ -430,7 +438,7 @@ class RabbitMQScheduleStore(ScheduleStore):
                 self._follower.resolve(str(data.get("id", "")))
             # Unknown ops come from newer writers.
         except (ValueError, KeyError, TypeError, ValidationError) as exc:
-            logger.warning("ignoring an unreadable event on %s: %s", SCHEDULES_STREAM, exc)
+            logger.warning("ignoring an unreadable event on %s: %s", self.stream, exc)
             return
         if op == "snapshot":
             fold.since_snapshot = 0
