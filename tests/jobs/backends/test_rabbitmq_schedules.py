@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mindtrace.jobs import AsyncOrchestrator, JobInput, JobSchema, RabbitMQClient, job_from_schema
+from mindtrace.jobs import AsyncOrchestrator, ConfigurationError, JobInput, JobSchema, RabbitMQClient, job_from_schema
 from mindtrace.jobs.backends.rabbitmq import schedules
 from mindtrace.jobs.backends.rabbitmq.schedules import RabbitMQScheduleStore
 from mindtrace.jobs.schedules import ScheduleSpec
@@ -318,3 +318,33 @@ async def test_when_the_leading_process_is_killed_another_takes_over_and_every_f
     # One fire a second, but for the few seconds without a leader (whose missed fires coalesce into one).
     assert span - 4 <= len(fires) <= span + 1, fires
     assert any(ms / 1000 > killed_at + 0.5 for ms in fires), (fires, killed_at)  # the successor fires
+
+
+# -- namespaces ----------------------------------------------------------------------------------------------
+
+
+async def test_a_schedules_namespace_keeps_schedules_apart_on_one_vhost(namespaced_url: str, amqp_url: str) -> None:
+    other_namespace = f"mindtrace-test-{uuid.uuid4().hex[:12]}"
+    name = unique("apart")
+    mine, other = (
+        RabbitMQClient.from_url(namespaced_url),
+        RabbitMQClient.from_url(servers.namespaced(amqp_url, other_namespace)),
+    )
+    try:
+        assert mine.schedules_namespace.startswith("mindtrace-test-") and other.schedules_namespace == other_namespace
+        await mine.schedule_store().upsert(spec_named(name), 1_000)
+        assert await named(mine.schedule_store(), name) != []
+        assert await named(other.schedule_store(), name) == []  # another namespace: another stream
+        # Both lead at once: each namespace has its own lock.
+        async with mine.schedule_store().leadership(), other.schedule_store().leadership() as lost:
+            assert not lost.is_set()
+    finally:
+        await mine.close()
+        await other.close()
+        await servers.delete_schedules_stream(amqp_url, other_namespace)
+
+
+@pytest.mark.parametrize("namespace", ["", "a\nb", "x" * 201])
+def test_a_bad_schedules_namespace_is_refused(namespace: str) -> None:
+    with pytest.raises(ConfigurationError, match="schedules_namespace"):
+        RabbitMQClient(schedules_namespace=namespace)
