@@ -159,6 +159,20 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+def seconds_of(value: object, field: str, context: str = "") -> float:
+    """``value`` (seconds as an int or float, or a timedelta) in seconds; JobValidationError naming ``field``
+    (after ``context``, e.g. "schedule 'x': ") for anything else (a bool, a str, None)."""
+    from mindtrace.jobs.errors import JobValidationError
+
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise JobValidationError(
+        f"{context}{field} must be seconds (a number) or a timedelta, not {type(value).__name__}", field=field
+    )
+
+
 def delay_of(delay: float | timedelta | None, run_at: datetime | None, clock: Clock, *, limit: float) -> float:
     """Seconds until a job published now is due, from ``publish``'s ``delay`` or ``run_at`` (0: at once).
 
@@ -186,14 +200,7 @@ def delay_of(delay: float | timedelta | None, run_at: datetime | None, clock: Cl
     elif delay is None:
         return 0.0
     else:
-        if isinstance(delay, timedelta):
-            seconds = delay.total_seconds()
-        elif isinstance(delay, (int, float)) and not isinstance(delay, bool):
-            seconds = float(delay)
-        else:
-            raise JobValidationError(
-                f"delay must be seconds (a number) or a timedelta, not {type(delay).__name__}", field="delay"
-            )
+        seconds = seconds_of(delay, "delay")
         if seconds != seconds or seconds < 0:  # NaN, negative
             raise JobValidationError(f"delay must be >= 0 seconds, not {delay!r}", field="delay")
         name = "delay"

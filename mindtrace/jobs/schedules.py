@@ -27,7 +27,7 @@ from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict
 
 from mindtrace.jobs.backends.base import ScheduleMode, validate_queue_name
-from mindtrace.jobs.clock import Clock
+from mindtrace.jobs.clock import Clock, seconds_of
 from mindtrace.jobs.constants import MAX_DELAY
 from mindtrace.jobs.errors import BackendError, JobsError, JobValidationError, QueueNotFoundError
 from mindtrace.jobs.lifecycle import JobStatus
@@ -343,14 +343,7 @@ def _check_tz(name: str, tz: object) -> str:
 
 
 def _positive_ms(name: str, field: str, value: object) -> int:
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise JobValidationError(
-            f"schedule {name!r}: {field} must be seconds or a timedelta, not {type(value).__name__}", field=field
-        )
+    seconds = seconds_of(value, field, f"schedule {name!r}: ")
     if not math.isfinite(seconds) or seconds < 0.001 or seconds > MAX_DELAY:
         raise JobValidationError(
             f"schedule {name!r}: {field} must be between 1 ms and {MAX_DELAY / 86400:.0f} days, not {seconds!r} s",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import timedelta
 
+from mindtrace.jobs.clock import seconds_of
 from mindtrace.jobs.constants import MAX_DEDUP_KEY_LENGTH
 from mindtrace.jobs.errors import JobValidationError
 
@@ -43,14 +43,7 @@ def unique_of(dedup_key: object, dedup_ttl: object) -> Unique | None:
         )
     if dedup_ttl is None:
         return Unique(dedup_key)
-    if isinstance(dedup_ttl, timedelta):
-        seconds = dedup_ttl.total_seconds()
-    elif isinstance(dedup_ttl, (int, float)) and not isinstance(dedup_ttl, bool):
-        seconds = float(dedup_ttl)
-    else:
-        raise JobValidationError(
-            f"dedup_ttl must be seconds (a number) or a timedelta, not {type(dedup_ttl).__name__}", field="dedup_ttl"
-        )
+    seconds = seconds_of(dedup_ttl, "dedup_ttl")
     if not (math.isfinite(seconds) and seconds > 0):
         raise JobValidationError(
             f"dedup_ttl must be a finite number of seconds > 0 (None: until the job ends), not {dedup_ttl!r}",

@@ -133,6 +133,11 @@ def info_table(info: JobInfo) -> Table:
     return table
 
 
+#: The columns of the ``dead-letters --peek`` table and of the ``schedules`` table, in order.
+DEAD_LETTER_COLUMNS = ("job_id", "schema", "priority", "attempts", "error", "created_at")
+SCHEDULE_COLUMNS = ("name", "queue", "when", "misfire", "grace", "last_fire", "next_fire")
+
+
 def dead_letter_row(job: Job) -> dict[str, Any]:
     """One peeked dead-lettered job: id, schema, priority, attempts, error, created_at."""
     return {
@@ -148,16 +153,8 @@ def dead_letter_row(job: Job) -> dict[str, Any]:
 def dead_letters_table(queue: str, jobs: Sequence[Job]) -> Table:
     """The ``dead-letters --peek`` table, in the order a requeue would take them."""
     require_rich()
-    from rich.table import Table
-
-    table = Table(title=escape(f"dead letters of {queue} (left in place)"), title_justify="left")
-    for column in ("job_id", "schema", "priority", "attempts", "error", "created_at"):
-        table.add_column(column.replace("_", " "), overflow="fold")
-    for job in jobs:
-        table.add_row(*(escape(str(v)) if v is not None else UNKNOWN for v in dead_letter_row(job).values()))
-    if not jobs:
-        table.caption = "none"
-    return table
+    rows = [dead_letter_row(job) for job in jobs]
+    return _rows_table(escape(f"dead letters of {queue} (left in place)"), DEAD_LETTER_COLUMNS, rows, "none")
 
 
 def schedule_row(info: ScheduleInfo) -> dict[str, Any]:
@@ -178,13 +175,19 @@ def schedule_row(info: ScheduleInfo) -> dict[str, Any]:
 def schedules_table(infos: Sequence[ScheduleInfo], where: str) -> Table:
     """The ``schedules`` table: one row per schedule, by name."""
     require_rich()
+    rows = [schedule_row(info) for info in infos]
+    return _rows_table(f"schedules on {where}", SCHEDULE_COLUMNS, rows, "no schedules")
+
+
+def _rows_table(title: str, columns: Sequence[str], rows: Sequence[dict[str, Any]], empty: str) -> Table:
+    """A table of ``rows`` (dicts keyed by ``columns``; None prints as ``-``), captioned ``empty`` when none."""
     from rich.table import Table
 
-    table = Table(title=f"schedules on {where}", title_justify="left")
-    for column in ("name", "queue", "when", "misfire", "grace", "last_fire", "next_fire"):
+    table = Table(title=title, title_justify="left")
+    for column in columns:
         table.add_column(column.replace("_", " "), overflow="fold")
-    for info in infos:
-        table.add_row(*(escape(str(v)) if v is not None else UNKNOWN for v in schedule_row(info).values()))
-    if not infos:
-        table.caption = "no schedules"
+    for row in rows:
+        table.add_row(*(escape(str(row[column])) if row[column] is not None else UNKNOWN for column in columns))
+    if not rows:
+        table.caption = empty
     return table
