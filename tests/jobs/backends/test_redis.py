@@ -24,6 +24,7 @@ from mindtrace.jobs import (
     BackendUnavailableError,
     ConfigurationError,
     Job,
+    JobStatus,
     LeaseLostError,
     QueueNotFoundError,
     RedisClient,
@@ -226,6 +227,29 @@ async def test_jobs_survive_a_server_crash_and_restart(redis_server: servers.Red
         received = [await orchestrator.receive_message(queue, timeout=5) for _ in jobs]
         expected = sorted(jobs, key=lambda j: (-j.priority, jobs.index(j)))
         assert [r.id for r in received if r is not None] == [j.id for j in expected]
+
+
+async def test_a_delayed_job_survives_a_server_crash_and_arrives_when_due(
+    redis_server: servers.RedisServer, queue: str
+) -> None:
+    schema = image_schema(queue)
+    job = make_job(schema, 1)
+    async with AsyncOrchestrator(redis_server.url) as orchestrator:
+        await orchestrator.register(schema)
+        sent = time.time()
+        handle = await orchestrator.publish(queue, job, delay=4.0)
+        assert await handle.status() is JobStatus.SCHEDULED
+    redis_server.stop(kill=True)  # SIGKILL: only what reached the append-only file survives
+    await asyncio.to_thread(redis_server.start)
+    async with AsyncOrchestrator(redis_server.url) as orchestrator:
+        await orchestrator.register(schema)
+        assert time.time() < sent + 4.0, "the restart took longer than the delay: raise it"
+        assert await orchestrator.job(job.id, queue).status() is JobStatus.SCHEDULED
+        assert await orchestrator.count_queue_messages(queue) == 0  # still held, not ready
+        received = await orchestrator.receive_message(queue, timeout=10)
+        arrived = time.time()
+    assert received is not None and received.id == job.id
+    assert sent + 4.0 - 0.01 <= arrived <= sent + 4.0 + 1.0, arrived - sent  # on the server's clock, kept
 
 
 async def test_publishing_to_an_unreachable_server_raises_with_host_and_port_and_no_password(queue: str) -> None:
