@@ -107,7 +107,10 @@ async def test_delays_do_not_block_each_other(api: Api, queue: str) -> None:
     late = sorted(started[i] - due[i][1] for i in started)
     early = [i for i in started if started[i] < due[i][0] - EARLY]
     assert not early, f"{len(early)} job(s) started before they were due"
-    assert late[-1] <= LATENESS, f"lateness p50 {late[100] * 1000:.1f} ms, max {late[-1] * 1000:.1f} ms"
+    # Held behind a longer delay, most jobs would be late by about a second (the delays differ by up to 1.9 s):
+    # nine in ten within LATENESS rules that out; the slowest tenth may lag on a loaded machine (CI's lanes).
+    summary = f"lateness p50 {late[100] * 1000:.1f} ms, p90 {late[180] * 1000:.1f} ms, max {late[-1] * 1000:.1f} ms"
+    assert late[180] <= LATENESS and late[-1] <= 4 * LATENESS, summary
 
 
 @pytest.mark.usefixtures("job_records")
